@@ -1,0 +1,154 @@
+"""Training throughput, three ways, same model and batch, measured side by side in one run:
+
+(a) model only: forward + backward + optimiser step on random tensors (the ceiling);
+(b) the trainer's full step: batch indexing, two-view augmentation on the device, the step;
+(c) the common approach: per-sample torchvision transforms in a DataLoader (2 workers).
+
+    python bench/throughput.py                          # CPU: ResNet-18, standard stem, 32 px, batch 256
+    python bench/throughput.py --device cuda --stem small --steps 100
+
+Prints views/s for each (views = 2 per image) and the ratios b/a and b/c; --json writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from simclr.config import TrainConfig
+from simclr.train import Trainer
+
+
+class TwoViews(Dataset):
+    """Fashion-MNIST as PIL images, two torchvision-augmented views per item (SimCLR's recipe)."""
+
+    def __init__(self, images: torch.Tensor, size: int, mean: list[float], std: list[float], s: float = 0.5):
+        self.images = images[:, 0].numpy()
+        self.t = T.Compose([
+            T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        im = Image.fromarray(self.images[i], mode="L")
+        return self.t(im), self.t(im)
+
+
+def timed(step, n: int, warmup: int, sync) -> float:  # noqa: ANN001
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--stem", default="standard")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="repeat (a, b, c) this many times; medians are reported")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    out = Path("bench/out/throughput")
+    cfg = TrainConfig(out=str(out / f"run-{int(time.time())}"), arch=args.arch, stem=args.stem, image_size=args.image_size,
+                      batch_size=args.batch_size, epochs=1, device=args.device, compile=args.compile, progress=False, knn_every=0)
+    trainer = Trainer(cfg)
+    device = trainer.device
+    b = args.batch_size
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    c = trainer.cfg.in_channels
+    g = torch.Generator(device=device).manual_seed(0)
+
+    # (a) the model alone on views that are already made.
+    views = torch.randn(2 * b, c, args.image_size, args.image_size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def model_step() -> None:
+        with torch.autocast(device.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
+            z = trainer.forward(views)
+        loss = trainer.loss_fn(*z.float().chunk(2))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+
+    # (b) the trainer's step: index a batch of uint8 images, augment twice on the device, step.
+    order = torch.randperm(len(trainer.data), generator=torch.Generator().manual_seed(0))
+    cursor = [0]
+
+    def full_step() -> None:
+        i = cursor[0] % (len(order) // b)
+        cursor[0] += 1
+        idx = order[i * b : (i + 1) * b].to(trainer.images.device)
+        trainer.train_step(trainer.images[idx].to(device, non_blocking=True), g)
+
+    # (c) per-sample torchvision transforms in DataLoader workers.
+    loader = DataLoader(TwoViews(trainer.data.images, args.image_size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
+                        num_workers=args.workers, drop_last=True, persistent_workers=True, prefetch_factor=4,
+                        pin_memory=device.type == "cuda")
+    batches = iter(loader)
+
+    def loader_step() -> None:
+        nonlocal batches
+        try:
+            v1, v2 = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            v1, v2 = next(batches)
+        x = torch.cat([v1, v2]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
+            z = trainer.forward(x)
+        loss = trainer.loss_fn(*z.float().chunk(2))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+
+    rates: dict[str, list[float]] = {"a_model_only": [], "b_full_step": [], "c_dataloader": []}
+    for _ in range(args.rounds):
+        for name, fn in (("a_model_only", model_step), ("b_full_step", full_step), ("c_dataloader", loader_step)):
+            seconds = timed(fn, args.steps, args.warmup, sync)
+            rates[name].append(2 * b * args.steps / seconds)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "config": {"arch": args.arch, "stem": args.stem, "image_size": args.image_size, "batch_size": b,
+                   "device": str(device), "precision": str(trainer.amp_dtype), "compile": args.compile, "workers": args.workers},
+        "views_per_s": {k: round(v, 1) for k, v in med.items()},
+        "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "b_over_a": round(med["b_full_step"] / med["a_model_only"], 3),
+        "b_over_c": round(med["b_full_step"] / med["c_dataloader"], 3),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

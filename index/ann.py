@@ -1,0 +1,150 @@
+"""FAISS indexes over unit vectors: choosing, building, searching.
+
+Vectors are L2-normalised embeddings, so inner product is cosine similarity. Indexes are
+named by FAISS factory strings (``"Flat"``, ``"IVF4096,PQ32"``, ``"HNSW32"``); ``"auto"``
+picks exact search up to :data:`EXACT_LIMIT` vectors and an approximate index above.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import faiss
+import numpy as np
+
+from index.errors import IndexStoreError
+
+log = logging.getLogger(__name__)
+
+EXACT_LIMIT = 1_000_000
+DEFAULT_MEMORY_BUDGET = 8 << 30  # bytes for the vectors of an approximate index
+# Query-time defaults that reach recall@10 >= 0.95 on the benchmarks (BENCHMARKS.md).
+DEFAULT_NPROBE = 32
+DEFAULT_EF_SEARCH = 128
+REFINE_K_FACTOR = 4
+
+
+def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+    """The factory string ``"auto"`` stands for, given the collection's size.
+
+    Up to :data:`EXACT_LIMIT` vectors: ``"Flat"`` (exact). Above: ``"HNSW32"`` when full
+    vectors plus graph fit in ``memory_budget``, else IVF-PQ with sqrt-scaled lists and
+    codes of dim/4 bytes, re-ranked exactly when the full vectors fit.
+    """
+    if n <= EXACT_LIMIT:
+        return "Flat"
+    hnsw_bytes = n * (4 * dim + 2 * 32 * 4)
+    if hnsw_bytes <= memory_budget:
+        return "HNSW32"
+    nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
+    m = _pq_subquantizers(dim)
+    return f"IVF{nlist},PQ{m}"
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """The largest divisor of ``dim`` not above dim / 4 (PQ needs m | dim)."""
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def build(
+    vectors: np.ndarray,
+    factory: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    train_size: int = 256_000,
+    seed: int = 0,
+) -> tuple[faiss.Index, str]:
+    """Build an inner-product index over ``vectors`` (n, d); returns it and its factory string.
+
+    Indexes that need training (IVF, PQ) are trained on a random sample of up to
+    ``train_size`` vectors.
+    """
+    vectors = _as_f32(vectors)
+    n, dim = vectors.shape
+    if factory == "auto":
+        factory = choose_factory(n, dim, memory_budget)
+    index = new_index(dim, factory)
+    if not index.is_trained:
+        needed = _min_train(index)
+        if n < needed:
+            raise IndexStoreError(
+                f"index type {factory!r} needs at least {needed} vectors to train, got {n}; "
+                "use --index-type Flat for small collections"
+            )
+        rng = np.random.default_rng(seed)
+        sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
+        index.train(sample)
+    add(index, vectors)
+    return index, factory
+
+
+def new_index(dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "invalid"
+        raise IndexStoreError(f"invalid FAISS factory string {factory!r} for dimension {dim} ({reason})") from None
+
+
+def _min_train(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return ivf.nlist
+    return 256  # PQ's 8-bit codebooks
+
+
+def add(index: faiss.Index, vectors: np.ndarray, batch: int = 65536) -> None:
+    vectors = _as_f32(vectors)
+    for start in range(0, vectors.shape[0], batch):
+        index.add(vectors[start : start + batch])
+
+
+def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Apply query-time parameters where the index has them (ignored elsewhere)."""
+    on_gpu = type(index).__name__.startswith("Gpu")
+    space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
+    ivf = None if on_gpu else faiss.try_extract_index_ivf(index)
+    nlist = ivf.nlist if ivf is not None else getattr(index, "nlist", None)
+    if nlist:
+        space.set_index_parameter(index, "nprobe", min(nprobe or DEFAULT_NPROBE, nlist))
+    top = index if on_gpu else faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexRefine):
+        # Re-rank 4x as many candidates with the exact vectors.
+        top.k_factor = REFINE_K_FACTOR
+        top = faiss.downcast_index(top.base_index)
+    if "HNSW" in type(top).__name__:
+        top.hnsw.efSearch = ef_search or DEFAULT_EF_SEARCH
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: similarities (q, k') float32 and ids (q, k') int64, k' = min(k, n).
+
+    Slots an approximate index could not fill hold id -1 and similarity -inf.
+    """
+    queries = _as_f32(queries)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise IndexStoreError(f"queries must have shape (n, {index.d}), got {queries.shape}")
+    k = min(k, index.ntotal)
+    if k <= 0 or queries.shape[0] == 0:
+        return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
+    sims, ids = index.search(queries, k)
+    sims[ids < 0] = -np.inf
+    return sims, ids
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A GPU copy of ``index`` when FAISS sees a GPU and supports the type; else ``index``."""
+    if faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version
+        log.info("searching on the CPU: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return index
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Image retrieval on learned embeddings: embedding, search, kNN labels, anomaly scores, CLI."""

@@ -1,0 +1,186 @@
+"""Embedding image collections with an encoder.
+
+A collection is a data set held in memory (Fashion-MNIST, CIFAR-10) or a folder of files.
+Files are read, hashed, decoded and resized by DataLoader workers while the device runs
+the model; unreadable files are skipped and reported. Under ``torchrun`` each rank embeds
+every ``world``-th item and :func:`gather_shards` joins the results in item order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from index import Items
+from simclr.data import parse_source, scan_folder, load_images
+from simclr.encoder import Encoder
+from simclr.images import ImageReadError, read_image
+from simclr.train import match_channels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Collection:
+    """Images to embed: in memory (``images``) or as files (``paths``)."""
+
+    source: str
+    refs: list[str]
+    labels: list[str | None]
+    images: torch.Tensor | None = None
+    paths: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def open_collection(spec: str) -> Collection:
+    """The collection a source string names (see :mod:`simclr.data`); files are not read yet."""
+    parsed = parse_source(spec)
+    if parsed.kind == "folder":
+        listing = scan_folder(parsed.path)
+        labels = [listing.classes[i] if i >= 0 else None for i in listing.labels]
+        refs = [str(p.resolve()) for p in listing.paths]
+        return Collection(str(parsed.path.resolve()), refs, labels, paths=[Path(r) for r in refs])
+    data = load_images(parsed)
+    labels = [data.classes[i] if i >= 0 else None for i in data.labels.tolist()]
+    return Collection(str(parsed), data.refs, labels, images=data.images)
+
+
+@dataclass
+class Embedded:
+    """Embeddings of the accepted items of a collection, in collection order."""
+
+    vectors: np.ndarray  # (n, d) float32, unit rows
+    items: Items
+    positions: np.ndarray  # (n,) positions in the collection
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
+    duplicates: int = 0  # items skipped because their content is already indexed
+
+
+class _Files(Dataset):
+    """Reads, hashes and decodes one file per item; failures come back as messages."""
+
+    def __init__(self, paths: list[Path], size: int, channels: int, skip_hashes: frozenset[str]):
+        self.paths, self.size, self.channels, self.skip = paths, size, channels, skip_hashes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        path = self.paths[i]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return i, None, "", f"{path}: cannot read file ({exc.strerror or exc})"
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self.skip:
+            return i, None, digest, None
+        try:
+            return i, read_image(data, self.size, self.channels), digest, None
+        except ImageReadError as exc:
+            return i, None, digest, str(exc).replace("image bytes", str(path), 1)
+
+
+def _collate(rows: list) -> list:  # noqa: ANN001
+    return rows
+
+
+def embed_collection(
+    encoder: Encoder,
+    coll: Collection,
+    batch_size: int = 256,
+    workers: int | None = None,
+    skip_hashes: set[str] | frozenset[str] = frozenset(),
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> Embedded:
+    """Embed this rank's share of ``coll``; items whose content hash is in ``skip_hashes`` are skipped."""
+    positions = list(range(rank, len(coll), world))
+    bar = _progress(len(positions), progress)
+    try:
+        if coll.images is not None:
+            return _embed_tensor(encoder, coll, positions, batch_size, frozenset(skip_hashes), bar)
+        return _embed_files(encoder, coll, positions, batch_size, workers, frozenset(skip_hashes), bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(total: int, enabled: bool):  # noqa: ANN202
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="embed", dynamic_ncols=True)
+
+
+def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded:  # noqa: ANN001
+    images = match_channels(coll.images, encoder.spec.in_channels)
+    hashes = [hashlib.sha256(coll.images[i].numpy().tobytes()).hexdigest() for i in positions]
+    keep = [p for p, h in zip(positions, hashes) if h not in skip]
+    kept_hash = {p: h for p, h in zip(positions, hashes)}
+    out = []
+    for start in range(0, len(keep), batch_size):
+        idx = torch.tensor(keep[start : start + batch_size])
+        out.append(encoder.embed(images[idx]).cpu())
+        if bar is not None:
+            bar.update(len(idx))
+    return _result(encoder, coll, keep, out, [kept_hash[p] for p in keep], [], len(positions) - len(keep))
+
+
+def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Embedded:  # noqa: ANN001
+    paths = [coll.paths[p] for p in positions]
+    dataset = _Files(paths, encoder.spec.image_size, encoder.spec.in_channels, skip)
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    keep, out, hashes, failures, duplicates = [], [], [], [], 0
+    for rows in loader:
+        ok = [r for r in rows if r[1] is not None]
+        for i, _, digest, err in rows:
+            if err is not None:
+                failures.append((coll.refs[positions[i]], err))
+            elif digest in skip:
+                duplicates += 1
+        if ok:
+            batch = torch.stack([r[1] for r in ok])
+            out.append(encoder.embed(batch).cpu())
+            keep.extend(positions[r[0]] for r in ok)
+            hashes.extend(r[2] for r in ok)
+        if bar is not None:
+            bar.update(len(rows))
+    for ref, err in failures:
+        log.debug("skipped %s: %s", ref, err)
+    return _result(encoder, coll, keep, out, hashes, failures, duplicates)
+
+
+def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:  # noqa: ANN001
+    vectors = torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
+    return Embedded(vectors.astype(np.float32), items, np.asarray(keep, dtype=np.int64), failures, duplicates)
+
+
+def merge(parts: list[Embedded]) -> Embedded:
+    """Join the shards of several ranks back into collection order."""
+    positions = np.concatenate([p.positions for p in parts])
+    order = np.argsort(positions, kind="stable")
+    vectors = np.concatenate([p.vectors for p in parts])[order]
+    items = Items()
+    for p in parts:
+        items.extend(p.items)
+    return Embedded(
+        vectors=vectors, items=items.select(order.tolist()), positions=positions[order],
+        failures=[f for p in parts for f in p.failures], duplicates=sum(p.duplicates for p in parts),
+    )

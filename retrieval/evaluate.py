@@ -1,0 +1,153 @@
+"""Evaluating an encoder: weighted kNN, a linear probe, and the one-class anomaly protocol.
+
+Everything here runs on torch alone (no FAISS), so that it also runs on machines where only
+PyTorch is installed; exact cosine search in torch is what FAISS's Flat index computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.anomaly import auroc, knn_distance
+from retrieval.embed import embed_collection, open_collection
+from retrieval.errors import RetrievalError
+from simclr.encoder import Encoder
+from simclr.knn import KNNResult, knn_evaluate, topk_neighbours
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledFeatures:
+    vectors: torch.Tensor  # (n, d) unit rows
+    labels: torch.Tensor  # (n,) int64 into classes, -1 unknown
+    classes: list[str]
+    source: str
+
+
+def embed_labelled(encoder: Encoder, source: str, classes: list[str] | None = None, batch_size: int = 512, progress: bool = True) -> LabelledFeatures:
+    """Embed a labelled source; labels are mapped onto ``classes`` (or the source's own)."""
+    coll = open_collection(source)
+    emb = embed_collection(encoder, coll, batch_size=batch_size, progress=progress)
+    names = classes if classes is not None else sorted({lbl for lbl in emb.items.labels if lbl is not None})
+    if not names:
+        raise RetrievalError(f"{source} has no labels (a folder needs one subfolder per class)")
+    labels = torch.from_numpy(emb.items.label_ids(names))
+    return LabelledFeatures(torch.from_numpy(emb.vectors), labels, names, coll.source)
+
+
+def features_from_index(path: str | Path) -> LabelledFeatures:
+    from index import IndexStore
+
+    store = IndexStore.load(path)
+    if not store.manifest.classes:
+        raise RetrievalError(f"index {path} has no labels")
+    vectors = torch.from_numpy(np.asarray(store.vectors, dtype=np.float32))
+    return LabelledFeatures(F.normalize(vectors, dim=1), torch.from_numpy(store.label_ids()), store.manifest.classes, str(path))
+
+
+def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = 200, temperature: float = 0.07) -> KNNResult:
+    """Weighted-kNN accuracy of labelled queries against a labelled gallery (same class names)."""
+    if k < 1:
+        raise RetrievalError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise RetrievalError(f"temperature must be positive, got {temperature}")
+    classes = gallery.classes
+    remap = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(queries.classes) - set(classes))
+    if unknown:
+        raise RetrievalError(f"query classes not in the gallery: {', '.join(unknown[:5])}")
+    q_labels = torch.tensor([remap[queries.classes[i]] if i >= 0 else -1 for i in queries.labels.tolist()])
+    keep = q_labels >= 0
+    if not keep.any():
+        raise RetrievalError(f"{queries.source} has no labelled items")
+    g_keep = gallery.labels >= 0
+    return knn_evaluate(queries.vectors[keep], q_labels[keep], gallery.vectors[g_keep], gallery.labels[g_keep], len(classes), k, temperature)
+
+
+def linear_probe(train: LabelledFeatures, test: LabelledFeatures, weight_decay: float = 1e-4, steps: int = 200) -> float:
+    """Top-1 of a linear classifier trained on frozen features (SimCLR's linear evaluation,
+    without augmentation): standardised features, full-batch L-BFGS on cross-entropy."""
+    keep = train.labels >= 0
+    x, y = train.vectors[keep].float(), train.labels[keep]
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    x = (x - mean) / std
+    c = len(train.classes)
+    w = torch.zeros(x.shape[1], c, requires_grad=True)
+    b = torch.zeros(c, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t_keep = test.labels >= 0
+    xt = (test.vectors[t_keep].float() - mean) / std
+    with torch.no_grad():
+        pred = (xt @ w + b).argmax(1)
+    return float((pred == test.labels[t_keep]).float().mean())
+
+
+@dataclass
+class AnomalyEval:
+    k: int
+    per_class: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.per_class.values())))
+
+
+def one_class_eval(train: LabelledFeatures, test: LabelledFeatures, k: int = 5) -> AnomalyEval:
+    """The one-class protocol: for each class c the gallery is the training items of c, the
+    queries are all test items, and the anomalies are the test items of other classes.
+    Scores are mean cosine distances to the k nearest gallery items; AUROC per class."""
+    result = AnomalyEval(k)
+    for c, name in enumerate(train.classes):
+        gallery = train.vectors[train.labels == c]
+        if gallery.shape[0] == 0:
+            continue
+        sims, _ = topk_neighbours(test.vectors, gallery, k)
+        scores = knn_distance(sims.numpy(), k)
+        result.per_class[name] = auroc(scores, (test.labels != c).numpy())
+    if not result.per_class:
+        raise RetrievalError("no class has training items")
+    return result
+
+
+def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> None:
+    """A confusion-matrix heat map (rows: true class, columns: predicted), row-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion.numpy().astype(np.float64)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

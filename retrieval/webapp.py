@@ -1,0 +1,265 @@
+"""The web app's handlers and layout (Gradio), on top of :class:`retrieval.service.Service`.
+
+Handlers are plain methods that tests call directly; :meth:`WebApp.build` wires them into a
+``gr.Blocks``. Searches are batched: requests that queue up together are embedded and
+searched in one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from index.errors import IndexStoreError
+from retrieval.errors import RetrievalError
+from retrieval.items import ItemImages
+from retrieval.projection import EmbeddingMap
+from retrieval.service import Answer, Options, Service
+from simclr.errors import SimCLRError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX = Path("runs/fashion-mnist/index")
+MAX_BATCH = 16
+USER_ERRORS = (SimCLRError, RetrievalError, IndexStoreError)
+
+HOW_TO_BUILD = """
+# No index yet
+
+This app searches an index folder built by the `retrieval` command line. To build the default one
+(Fashion-MNIST, about 10 minutes on a laptop CPU), run the README's first command:
+
+```
+bash scripts/demo.sh
+```
+
+or, step by step, with your own images:
+
+```
+retrieval train --data path/to/images --out runs/mine
+retrieval index --encoder runs/mine/encoder.pt --source path/to/images --out runs/mine/index
+retrieval serve runs/mine/index
+```
+"""
+
+
+@dataclass
+class SearchResult:
+    """What one search shows: gallery items, label probabilities, anomaly text, hit ids, map position."""
+
+    gallery: list[tuple[Image.Image, str]]
+    label: dict[str, float] | None
+    anomaly: str
+    hit_ids: list[int]
+    position: tuple[float, float] | None
+
+
+class WebApp:
+    """Handlers for one loaded index."""
+
+    def __init__(self, service: Service, map_points: int = 2000):
+        self.service = service
+        store = service.store
+        self.images = ItemImages(store.items.refs, store.manifest.sources)
+        self._map: EmbeddingMap | None = None
+        self._map_points = map_points
+
+    # ------------------------------------------------------------------ handlers
+    def search(self, images: list[str | Image.Image | None], ks: list[int]) -> list[SearchResult]:
+        """Answer a batch of queries (files, PIL images or None) with their own k each."""
+        results: list[SearchResult | None] = [None] * len(images)
+        todo = [i for i, im in enumerate(images) if im is not None]
+        for i, im in enumerate(images):
+            if im is None:
+                results[i] = _message("Upload an image, or pick an example, to search.")
+        if todo:
+            queries = [images[i] for i in todo]
+            vectors, errors, items = self.service.embed(queries)
+            opts = Options(k=max(int(ks[i]) for i in todo), classify=bool(self.service.store.manifest.classes), anomaly=True)
+            answers = self.service.answer_vectors(["image"] * len(todo), vectors, errors, opts, items)
+            xy = self.embedding_map().project(vectors)
+            for row, i in enumerate(todo):
+                results[i] = self._show(answers[row], int(ks[i]))
+                if answers[row].error is None:
+                    results[i].position = (float(xy[row, 0]), float(xy[row, 1]))
+        return results
+
+    def _show(self, answer: Answer, k: int) -> SearchResult:
+        if answer.error is not None:
+            return _message(f"⚠️ {answer.error}")
+        gallery, ids = [], []
+        for hit in answer.hits[:k]:
+            try:
+                thumb = self.images.image(hit.id)
+            except USER_ERRORS as exc:
+                log.warning("%s", exc)
+                thumb = Image.new("RGB", (32, 32), (220, 220, 220))
+            name = Path(hit.ref).name if "/" in hit.ref else hit.ref
+            gallery.append((thumb, f"{hit.similarity:.3f} · {hit.label or '-'} · {name}"))
+            ids.append(hit.id)
+        label = answer.prediction.probabilities if answer.prediction and answer.prediction.label else None
+        return SearchResult(gallery, label, _anomaly_text(answer), ids, None)
+
+    def item_image(self, item_id: int) -> Image.Image:
+        return self.images.image(item_id)
+
+    def examples(self, count: int = 8) -> list[tuple[Image.Image, str]]:
+        """One item per class (or evenly spaced items), for the example row."""
+        store = self.service.store
+        labels = store.items.labels
+        chosen: list[int] = []
+        seen: set[str | None] = set()
+        for i, lbl in enumerate(labels):
+            if lbl not in seen:
+                seen.add(lbl)
+                chosen.append(i)
+            if len(chosen) == count:
+                break
+        if len(chosen) < count:
+            step = max(1, len(labels) // count)
+            chosen += [i for i in range(0, len(labels), step) if i not in chosen][: count - len(chosen)]
+        out = []
+        for i in chosen:
+            try:
+                out.append((self.images.image(i), labels[i] or Path(store.items.refs[i]).name))
+            except USER_ERRORS:
+                continue
+        self.example_ids = [i for i in chosen][: len(out)]
+        return out
+
+    def map_frame(self, position: tuple[float, float] | None) -> pd.DataFrame:
+        """The gallery's 2-D map as rows (x, y, label), plus the query when there is one."""
+        m = self.embedding_map()
+        labels = self.service.store.items.labels
+        ids = m.points[:, 0].astype(int)
+        frame = pd.DataFrame({"x": m.points[:, 1], "y": m.points[:, 2], "label": [labels[i] or "unlabelled" for i in ids]})
+        if position is not None:
+            frame = pd.concat([frame, pd.DataFrame({"x": [position[0]], "y": [position[1]], "label": ["★ query"]})], ignore_index=True)
+        return frame
+
+    def embedding_map(self) -> EmbeddingMap:
+        if self._map is None:
+            self._map = EmbeddingMap.for_store(self.service.store, self._map_points)
+        return self._map
+
+    def facts_markdown(self) -> str:
+        f = self.service.facts()
+        sources = ", ".join(f"`{s}`" for s in f["sources"])
+        return (
+            f"**{f['items']:,} images** · {f['classes']} classes · index `{f['index_type']}` ({f['dimension']}-d) · "
+            f"encoder {f['encoder']}, sha256 `{f['encoder_sha256'][:12]}` · sources {sources}"
+        )
+
+    # ------------------------------------------------------------------ layout
+    def build(self) -> gr.Blocks:
+        self.embedding_map()
+        examples = self.examples()
+        with gr.Blocks(title="Image retrieval") as demo:
+            gr.Markdown("## Image retrieval\n" + self.facts_markdown())
+            hits = gr.State([])
+            position = gr.State(None)
+            with gr.Row():
+                with gr.Column(scale=1):
+                    query = gr.Image(label="Query image", type="filepath", sources=["upload", "clipboard", "webcam"], height=260)
+                    k = gr.Slider(1, 50, value=10, step=1, label="Results (k)")
+                    button = gr.Button("Search", variant="primary")
+                    example_row = gr.Gallery(value=examples, label="Examples from the index (click one)", columns=8,
+                                             height=110, allow_preview=False, object_fit="contain")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=5, height=330,
+                                         allow_preview=False, object_fit="contain", elem_id="results")
+                    with gr.Row():
+                        label = gr.Label(label="kNN label", num_top_classes=5, elem_id="knn-label")
+                        anomaly = gr.Markdown("", elem_id="anomaly")
+            plot = gr.ScatterPlot(value=self.map_frame(None), x="x", y="y", color="label", height=380,
+                                  label="Embedding map (PCA of the index; the query is ★)")
+
+            def run(images: list, ks: list) -> tuple[list, list, list, list, list]:
+                try:
+                    results = self.search(images, ks)
+                except USER_ERRORS as exc:
+                    raise gr.Error(str(exc)) from None
+                except Exception as exc:  # never a stack trace in the UI; the server keeps serving
+                    log.exception("search failed")
+                    raise gr.Error(f"search failed: {type(exc).__name__}") from None
+                return ([r.gallery for r in results], [r.label for r in results], [r.anomaly for r in results],
+                        [r.hit_ids for r in results], [r.position for r in results])
+
+            outputs = [gallery, label, anomaly, hits, position]
+            search_event = dict(fn=run, inputs=[query, k], outputs=outputs, batch=True, max_batch_size=MAX_BATCH)
+            button.click(**search_event, api_name="search").then(
+                self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+            query.upload(**search_event, api_visibility="private").then(
+                self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+
+            def pick(ids: list[int], evt: gr.SelectData) -> Image.Image:
+                try:
+                    return self.item_image(ids[evt.index])
+                except (IndexError, TypeError, *USER_ERRORS) as exc:
+                    raise gr.Error(f"cannot open that image: {exc}") from None
+
+            chosen = gr.State(list(self.example_ids))
+            for source, ids in ((gallery, hits), (example_row, chosen)):
+                source.select(pick, inputs=ids, outputs=query, api_visibility="private").then(
+                    **search_event, api_visibility="private").then(
+                    self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+        return demo
+
+
+def _message(text: str) -> SearchResult:
+    return SearchResult([], None, text, [], None)
+
+
+def _anomaly_text(answer: Answer) -> str:
+    a = answer.anomaly
+    if a is None:
+        return ""
+    verdict = '<span style="color:#c0392b">● **UNUSUAL**</span>' if a.unusual else '<span style="color:#1e8449">● **normal**</span>'
+    return (
+        f"### Anomaly: {verdict}\n"
+        f"score **{a.score:.4f}** (mean cosine distance to the {a.k} nearest images)  \n"
+        f"higher than **{a.percentile:.1f}%** of indexed images; threshold {a.threshold:.4f}"
+    )
+
+
+def no_index_app(path: Path, reason: str) -> gr.Blocks:
+    with gr.Blocks(title="Image retrieval") as demo:
+        gr.Markdown(f"{HOW_TO_BUILD}\n\n_Looked for `{path}`: {reason}_")
+    return demo
+
+
+def build_app(index_dir: str | Path | None = None, device: str = "auto") -> gr.Blocks:
+    """The app for ``index_dir`` (default: the README demo's index), or a page saying how to build one."""
+    path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
+    try:
+        service = Service.open(path, device=device)
+    except USER_ERRORS as exc:
+        if index_dir is not None:
+            raise
+        return no_index_app(path, str(exc))
+    return WebApp(service).build()
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise RetrievalError("--auth must look like user:password")
+    return user, password
+
+
+def launch(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
+           share: bool = False, device: str = "auto", **kwargs: Any) -> None:
+    """Serve the app; binds localhost unless told otherwise, and shares only when asked."""
+    credentials = parse_auth(auth)
+    demo = build_app(index_dir, device)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, auth=credentials, share=share, show_error=False, **kwargs)

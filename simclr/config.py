@@ -1,0 +1,152 @@
+"""The training configuration: one typed dataclass, stored whole in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simclr.augment import AugmentConfig
+from simclr.errors import SimCLRError
+from simclr.models import BACKBONES, HEADS, STEMS
+from simclr.optim import OPTIMIZERS
+
+# Fields that may change when a run is resumed: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "workers", "progress"}
+)
+
+# Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
+# budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"stem": "standard", "epochs": 4, "batch_size": 256},
+    "cuda": {"stem": "small", "epochs": 200, "batch_size": 512},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a SimCLR training run.
+
+    ``None`` means "the default for the device" (see :data:`PROFILES`); :meth:`resolve`
+    fills those in before training, so a checkpoint always records concrete values.
+    """
+
+    data: str = "fashion-mnist:train"
+    out: str = "runs/simclr"
+    # Architecture.
+    arch: str = "resnet18"
+    stem: str | None = None
+    width: int = 64
+    in_channels: int | None = None
+    image_size: int = 32
+    head: str = "mlp"
+    head_hidden: int = 512
+    head_out: int = 128
+    head_depth: int = 2
+    init: str = "random"
+    # Optimisation.
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str = "lars"
+    lr: float = 0.3
+    lr_scaling: str = "linear"
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    temperature: float = 0.5
+    # Augmentation.
+    crop_min: float = 0.08
+    crop_max: float = 1.0
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter_strength: float = 0.5
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    # Hardware.
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    sync_bn: bool = False
+    workers: int = 4
+    seed: int = 0
+    # Monitoring.
+    knn_every: int = 1
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    knn_max_gallery: int = 60000
+    log_every: int = 20
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, refusing unknown keys (by name)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SimCLRError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, device: torch.device) -> "TrainConfig":
+        """Fill device-dependent defaults and check every option."""
+        profile = PROFILES["cuda" if device.type == "cuda" else "cpu"]
+        changes = {k: v for k, v in profile.items() if getattr(self, k) is None}
+        cfg = self.replace(**changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise SimCLRError(message)
+
+        need(self.arch in BACKBONES, f"unknown architecture {self.arch!r}; known: {', '.join(BACKBONES)}")
+        need(self.stem is None or self.stem in STEMS, f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
+        need(self.head in HEADS, f"unknown projection head {self.head!r}; known: {', '.join(HEADS)}")
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        need(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size is None or self.batch_size >= 2, f"batch size must be >= 2, got {self.batch_size}")
+        need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
+        need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+        need(self.warmup_epochs >= 0, f"warm-up must be >= 0 epochs, got {self.warmup_epochs}")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}; known: auto, fp32, bf16, fp16")
+        need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
+        need(self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
+        need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
+        self.augment_config(1)  # checks the augmentation ranges
+
+    def augment_config(self, channels: int) -> AugmentConfig:
+        return AugmentConfig(
+            size=self.image_size,
+            crop_scale=(self.crop_min, self.crop_max),
+            flip_p=self.flip_p,
+            jitter_p=self.jitter_p,
+            jitter_strength=self.jitter_strength,
+            grayscale_p=self.grayscale_p if channels > 1 else 0.0,
+            blur_p=self.blur_p,
+        )
+
+    def conflicts(self, other: "TrainConfig", only: set[str] | None = None) -> list[str]:
+        """Fields (other than :data:`RESUMABLE_CHANGES`) that ``other`` sets to another value,
+        as ``name: ours != theirs``; ``None`` in ``other`` (a device default) matches anything."""
+        out = []
+        for f in fields(self):
+            if f.name in RESUMABLE_CHANGES or (only is not None and f.name not in only):
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if b is not None and a != b:
+                out.append(f"{f.name}: {a!r} != {b!r}")
+        return out
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser()

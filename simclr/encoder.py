@@ -1,0 +1,138 @@
+"""The encoder file: what indexing and the app load.
+
+A small file holding the backbone's weights and what is needed to use them (architecture,
+input size and channels, normalisation). Its embedding is the L2-normalised pooled output
+of the backbone, never the projection head (SimCLR, section 4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclr.augment import normalize, resize, to_unit_float
+from simclr.checkpoint import atomic_save, file_sha256, safe_load
+from simclr.errors import SimCLRError
+from simclr.models import build_backbone
+
+FORMAT = "simclr-encoder"
+VERSION = 1
+
+
+@dataclass
+class EncoderSpec:
+    """How to build and feed the backbone."""
+
+    arch: str
+    stem: str
+    width: int
+    in_channels: int
+    image_size: int
+    feature_dim: int
+    mean: list[float]
+    std: list[float]
+    trained_on: str = ""
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "EncoderSpec":
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise SimCLRError(f"{where}: encoder description is malformed ({exc})") from None
+
+
+class Encoder(nn.Module):
+    """Backbone plus preprocessing: uint8 images (B, C, H, W) -> unit vectors (B, D)."""
+
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module | None = None):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone or build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32), persistent=False)
+        self.checksum = ""
+        self.path: Path | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.spec.feature_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float (B, C, S, S) on the encoder's device."""
+        if x.dim() != 4 or x.shape[1] != self.spec.in_channels:
+            raise SimCLRError(
+                f"encoder expects images with {self.spec.in_channels} channel(s), got shape {tuple(x.shape)}"
+            )
+        x = to_unit_float(x.to(self.device, non_blocking=True))
+        return normalize(resize(x, self.spec.image_size), self.mean, self.std)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised backbone features (B, D), float32, on the encoder's device."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        x = self.preprocess(x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                feats = self.backbone(x)
+        else:
+            feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
+        self.backbone.train(was_training)
+        return F.normalize(feats.float(), dim=1)
+
+    def save(self, path: str | Path) -> str:
+        """Write the encoder file atomically; returns its SHA-256."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        atomic_save({"format": FORMAT, "version": VERSION, "spec": asdict(self.spec), "backbone": state}, path)
+        self.checksum = file_sha256(path)
+        self.path = Path(path)
+        return self.checksum
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Encoder":
+        """Load an encoder file (tensors and plain data only; pickled code is refused)."""
+        obj = safe_load(path, what="encoder file")
+        if obj.get("format") != FORMAT:
+            hint = " (a training checkpoint? use encoder.pt from the same folder)" if "model" in obj else ""
+            raise SimCLRError(f"{path} is not an encoder file{hint}")
+        if obj.get("version") != VERSION:
+            raise SimCLRError(f"{path}: encoder format version {obj.get('version')} is not supported (expected {VERSION})")
+        spec = EncoderSpec.from_dict(obj.get("spec", {}), str(path))
+        enc = cls(spec)
+        try:
+            enc.backbone.load_state_dict(obj["backbone"])
+        except (RuntimeError, KeyError) as exc:
+            raise SimCLRError(f"{path}: weights do not match {spec.arch} ({str(exc).splitlines()[0]})") from None
+        enc.checksum = file_sha256(path)
+        enc.path = Path(path)
+        enc.backbone.to(memory_format=torch.channels_last)
+        return enc.to(device).eval()
+
+
+def channel_stats(images: torch.Tensor, max_samples: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images in [0, 1] units (on a sample)."""
+    if images.shape[0] > max_samples:
+        step = images.shape[0] // max_samples
+        images = images[::step][:max_samples]
+    x = images.float() / 255
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def embed_images(encoder: Encoder, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Embed uint8 (N, C, H, W) images held in memory: (N, D) unit vectors on the encoder's device."""
+    out = [encoder.embed(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.empty(0, encoder.dim, device=encoder.device)

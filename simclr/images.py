@@ -1,0 +1,132 @@
+"""Decoding image files safely into uint8 tensors.
+
+Every image that enters the project, for training, indexing or a query, goes through
+:func:`read_image`: it refuses decompression bombs before decoding, applies EXIF rotation,
+and maps every Pillow mode (palette, alpha, CMYK, 16-bit ...) onto 8-bit L or RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from simclr.errors import SimCLRError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+# Larger images are refused before their pixels are decoded (a 30000x30000 PNG of one
+# colour is a few kB on disk and 2.7 GB in memory).
+MAX_PIXELS = int(os.environ.get("RETRIEVAL_MAX_PIXELS", 80_000_000))
+
+
+class ImageReadError(SimCLRError):
+    """An image that cannot be used; the message says why."""
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def open_image(source: str | Path | bytes, channels: int = 3) -> Image.Image:
+    """Open and fully decode an image as 8-bit ``"L"`` (channels=1) or ``"RGB"`` (channels=3).
+
+    Raises:
+        ImageReadError: the file is missing, not an image, truncated, or too large.
+    """
+    if channels not in (1, 3):
+        raise ImageReadError(f"channels must be 1 or 3, got {channels}")
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ImageReadError(
+                f"{name}: image is too large ({width}x{height} = {width * height / 1e6:.0f} Mpx; "
+                f"the limit is {MAX_PIXELS / 1e6:.0f} Mpx)"
+            )
+        if width == 0 or height == 0:
+            raise ImageReadError(f"{name}: image has no pixels ({width}x{height})")
+        if im.format == "JPEG":
+            # Decode big JPEGs at reduced scale directly: far faster, same result after resizing.
+            im.draft(im.mode, (max(64, width // 8), max(64, height // 8)))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return _to_8bit(im, channels)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{name}: image is too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: cannot decode image ({exc})") from None
+
+
+def _to_8bit(im: Image.Image, channels: int) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: scale the full range onto 0..255 rather than clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white, as a viewer shows them on a page.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (antialiased) and crop the centre square."""
+    width, height = im.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """An ``L`` or ``RGB`` image as a uint8 tensor of shape (C, H, W)."""
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def read_image(source: str | Path | bytes, size: int, channels: int = 3) -> torch.Tensor:
+    """Decode an image file into a uint8 tensor of shape (channels, size, size)."""
+    return pil_to_tensor(resize_center_crop(open_image(source, channels), size))
+
+
+def image_to_tensor(im: Image.Image, size: int, channels: int = 3) -> torch.Tensor:
+    """Like :func:`read_image` for an image already opened (the web app's uploads)."""
+    width, height = im.size
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            f"image is too large ({width}x{height}; the limit is {MAX_PIXELS / 1e6:.0f} Mpx)"
+        )
+    im = ImageOps.exif_transpose(im)
+    return pil_to_tensor(resize_center_crop(_to_8bit(im, channels), size))

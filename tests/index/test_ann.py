@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from index import ann
+from index.errors import IndexStoreError
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, dim: int, seed: int = 0, centres: int = 50, queries: int = 0):
+    """Unit vectors around random centres: the structure real embeddings have. With
+    ``queries``, also that many more vectors from the same centres."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, dim))
+    x = unit(c[rng.integers(0, centres, n + queries)] + 0.35 * rng.normal(size=(n + queries, dim)))
+    return (x[:n], x[n:]) if queries else x
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = queries @ base.T
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, ids, 1), ids
+
+
+def test_flat_equals_brute_force() -> None:
+    base, queries = clustered(2000, 24, 0, queries=50)
+    index, factory = ann.build(base, "auto")
+    assert factory == "Flat"
+    sims, ids = ann.search(index, queries, 10)
+    ref_sims, ref_ids = brute_force(base, queries, 10)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (ids == ref_ids).mean() > 0.999  # ties aside, the same neighbours in the same order
+
+
+def recall_at(ids: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, ref)]))
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16,RFlat", "HNSW32"])
+def test_approximate_indexes_reach_recall(factory: str) -> None:
+    base, queries = clustered(8000, 32, 2, queries=200)
+    index, _ = ann.build(base, factory)
+    ann.set_search_params(index, nprobe=16, ef_search=64)
+    _, ids = ann.search(index, queries, 10)
+    _, ref = brute_force(base, queries, 10)
+    assert recall_at(ids, ref) >= 0.9
+
+
+def test_search_params_change_ivf_breadth() -> None:
+    base = clustered(4000, 16, 4)
+    index, _ = ann.build(base, "IVF32,Flat")
+    ann.set_search_params(index, nprobe=7)
+    assert ann.faiss.extract_index_ivf(index).nprobe == 7
+
+
+def test_auto_choice_by_size() -> None:
+    assert ann.choose_factory(10_000, 512) == "Flat"
+    assert ann.choose_factory(2_000_000, 128) == "HNSW32"
+    assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30).startswith("IVF")
+
+
+def test_k_larger_than_index_returns_everything() -> None:
+    base = clustered(5, 8)
+    index, _ = ann.build(base)
+    sims, ids = ann.search(index, base[:2], 50)
+    assert ids.shape == (2, 5) and sorted(ids[0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_bad_factory_and_tiny_training_set() -> None:
+    with pytest.raises(IndexStoreError, match="invalid FAISS factory string 'Bogus9'"):
+        ann.build(clustered(10, 8), "Bogus9")
+    with pytest.raises(IndexStoreError, match="needs at least 1024 vectors"):
+        ann.build(clustered(100, 8), "IVF1024,Flat")

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from retrieval.anomaly import Calibration, auroc, knn_distance, leave_one_out
+from retrieval.errors import RetrievalError
+
+
+def naive_auroc(scores, labels) -> float:
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_count_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    labels = rng.random(60) < 0.3
+    assert auroc(scores, labels) == pytest.approx(naive_auroc(scores, labels))
+    assert auroc(np.array([0.1, 0.2, 0.9]), np.array([False, False, True])) == 1.0
+    with pytest.raises(RetrievalError):
+        auroc(np.array([1.0]), np.array([True]))
+
+
+def test_knn_distance_is_mean_cosine_distance() -> None:
+    sims = np.array([[0.9, 0.7, 0.1], [1.0, -np.inf, -np.inf]], dtype=np.float32)
+    np.testing.assert_allclose(knn_distance(sims, 2), [(0.1 + 0.3) / 2, 0.0], atol=1e-6)
+
+
+def test_leave_one_out_drops_the_item_itself() -> None:
+    sims = np.array([[1.0, 0.8, 0.6], [0.9, 0.9, 0.5]], dtype=np.float32)
+    ids = np.array([[3, 1, 2], [5, 7, 9]])
+    scores = leave_one_out(sims, ids, np.array([3, 7]), 2)
+    np.testing.assert_allclose(scores, [(0.2 + 0.4) / 2, (0.1 + 0.5) / 2], atol=1e-6)
+
+
+def test_calibration_percentiles_and_threshold() -> None:
+    cal = Calibration(5, np.arange(100, dtype=np.float32), percentile=90)
+    assert cal.threshold == pytest.approx(89.1)
+    np.testing.assert_allclose(cal.percentile_of(np.array([-1.0, 49.0, 1000.0])), [0, 50, 100])
+    with pytest.raises(RetrievalError, match="percentile"):
+        Calibration(5, np.zeros(3), percentile=100)
+
+
+def test_constructed_anomalies_are_found() -> None:
+    """Normal items on a small cap of the sphere, anomalies spread elsewhere: AUROC near 1."""
+    from simclr.knn import topk_neighbours
+    import torch
+
+    rng = np.random.default_rng(1)
+    centre = np.zeros(16)
+    centre[0] = 1
+    normal = centre + 0.2 * rng.normal(size=(300, 16))
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    test_normal = centre + 0.2 * rng.normal(size=(50, 16))
+    anomalies = rng.normal(size=(50, 16))
+    queries = np.concatenate([test_normal, anomalies])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    sims, _ = topk_neighbours(torch.tensor(queries, dtype=torch.float32), torch.tensor(normal, dtype=torch.float32), 5)
+    scores = knn_distance(sims.numpy(), 5)
+    assert auroc(scores, np.r_[np.zeros(50, bool), np.ones(50, bool)]) > 0.97

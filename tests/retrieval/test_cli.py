@@ -1,0 +1,133 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+from tests.conftest import TINY
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_index_skips_and_counts_unreadable_files(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(image_folder, src)
+    (src / "bars" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (src / "bars" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "idx"
+    r = run("index", "--encoder", tiny_encoder, "--source", src, "--out", out, "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "indexed 48 images" in r.output and "2 unreadable file(s) skipped" in r.output
+    assert "broken.png" in r.output and "empty.jpg" in r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 48 and manifest["classes"] == ["bars", "checks", "stripes"]
+
+
+def test_append_skips_already_indexed_content(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    assert run("index", "--encoder", tiny_encoder, "--source", image_folder / "bars", "--out", out, "--workers", 0, "--no-progress").exit_code == 0
+    r = run("index", "--append", "--source", image_folder, "--out", out, "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "indexed 32 images" in r.output and "16 already indexed" in r.output and "48 in all" in r.output
+    r = run("index", "--append", "--source", image_folder, "--out", out, "--workers", 0, "--no-progress")
+    assert "indexed 0 images" in r.output and "48 already indexed" in r.output
+
+
+def test_query_text_and_json(tiny_index: Path, image_folder: Path) -> None:
+    img = image_folder / "checks" / "checks_001.png"
+    r = run("query", tiny_index, img, "-k", 3)
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0] == str(img) and len(lines) == 4 and lines[1].split()[0] == "1"
+    r = run("query", tiny_index, img, "id:2", "-k", 2, "--json")
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert [len(row["hits"]) for row in rows] == [2, 2]
+    assert rows[0]["hits"][0]["ref"] == str(img.resolve())
+    assert {"rank", "similarity", "ref", "label", "id"} <= set(rows[0]["hits"][0])
+
+
+def test_query_with_a_bad_image_answers_the_rest(tiny_index: Path, image_folder: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("hello")
+    r = run("query", tiny_index, bad, image_folder / "bars" / "bars_000.png", "-k", 1)
+    assert r.exit_code == 1
+    assert "error: " in r.output and "notes.jpg: not an image" in r.output
+    assert "bars_000.png" in r.output
+
+
+def test_classify_and_anomaly(tiny_index: Path, image_folder: Path) -> None:
+    r = run("classify", tiny_index, image_folder / "stripes", "-k", 5, "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    assert len(rows) == 16
+    assert all(abs(sum(row["prediction"]["probabilities"].values()) - 1) < 1e-4 for row in rows)
+    r = run("anomaly", tiny_index, "id:0", "id:1")
+    assert r.exit_code == 0, r.output
+    assert "percentile" in r.output and ("normal" in r.output or "UNUSUAL" in r.output)
+
+
+def test_missing_index_is_one_line(tmp_path: Path) -> None:
+    r = run("query", tmp_path / "nope", "x.png")
+    assert r.exit_code == 1
+    assert r.output.strip() == f"error: index folder {tmp_path / 'nope'} not found"
+
+
+def test_corrupt_manifest_is_named(tiny_index: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "idx"
+    shutil.copytree(tiny_index, broken)
+    (broken / "manifest.json").write_text("{")
+    r = run("info", broken)
+    assert r.exit_code == 1 and "manifest.json is corrupt" in r.output
+
+
+def test_empty_folder_is_a_clear_error(tiny_encoder: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    r = run("index", "--encoder", tiny_encoder, "--source", tmp_path / "empty", "--out", tmp_path / "idx")
+    assert r.exit_code == 1 and "no image files found" in r.output
+    assert not (tmp_path / "idx").exists()
+
+
+def test_bad_factory_string_is_refused_before_embedding(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", tmp_path / "idx", "--index-type", "IVF9,Nonsense")
+    assert r.exit_code == 1 and "invalid FAISS factory string" in r.output
+
+
+def test_knn_eval_of_two_index_folders(tiny_index: Path) -> None:
+    r = run("knn-eval", "--gallery-index", tiny_index, "--query-index", tiny_index, "-k", 1, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    # Every query finds itself at similarity 1: top-1 is exactly 100%.
+    assert report["top1"] == 1.0 and report["queries"] == 48
+
+
+def test_knn_eval_of_an_encoder_on_folders(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    png = tmp_path / "confusion.png"
+    r = run("knn-eval", "--encoder", tiny_encoder, "--train", image_folder, "--test", image_folder, "-k", 1,
+            "--confusion", png, "--linear-probe")
+    assert r.exit_code == 0, r.output
+    assert "top-1 100.00%" in r.output and "linear probe top-1" in r.output
+    assert png.stat().st_size > 1000
+
+
+def test_train_command_and_resume_conflict(image_folder: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", image_folder, "--out", tmp_path, "--arch", "resnet18", "--width", 8, "--stem", "small",
+            "--image-size", 16, "--batch-size", 16, "--epochs", 1, "--knn-every", 0, "--no-progress",
+            "--optimizer", "adamw", "--lr", 0.002, "--lr-scaling", "none"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "trained 1 epochs" in r.output and (tmp_path / "encoder.pt").exists()
+    r = run("train", "--out", tmp_path, "--resume", "--data", image_folder, "--width", 16)
+    assert r.exit_code == 1 and "width: 8 != 16" in r.output
+
+
+def test_unknown_architecture_lists_known(image_folder: Path, tmp_path: Path) -> None:
+    r = run("train", "--data", image_folder, "--out", tmp_path, "--arch", "vit")
+    assert r.exit_code == 1
+    assert r.output.strip() == "error: unknown architecture 'vit'; known: resnet18, resnet34, resnet50"

@@ -1,0 +1,108 @@
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index import IndexStore, Items
+from retrieval.errors import RetrievalError
+from retrieval.service import Options, Service
+from simclr.encoder import Encoder
+
+
+@pytest.fixture(scope="module")
+def service(tiny_index: Path) -> Service:
+    return Service.open(tiny_index, device="cpu")
+
+
+def test_a_file_finds_itself_first(service: Service, image_folder: Path) -> None:
+    path = image_folder / "bars" / "bars_003.png"
+    [answer] = service.ask([str(path)], Options(k=5))
+    assert answer.error is None
+    assert [h.rank for h in answer.hits] == [1, 2, 3, 4, 5]
+    assert answer.hits[0].ref == str(path.resolve())
+    assert answer.hits[0].similarity == pytest.approx(1.0, abs=1e-3)
+    sims = [h.similarity for h in answer.hits]
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_an_item_query_leaves_itself_out(service: Service) -> None:
+    [answer] = service.ask(["id:4"], Options(k=3, classify=True, anomaly=True))
+    assert 4 not in [h.id for h in answer.hits] and len(answer.hits) == 3
+    assert answer.prediction is not None and answer.anomaly is not None
+
+
+def test_unreadable_query_gets_an_error_and_the_others_are_answered(service: Service, image_folder: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    answers = service.ask([str(bad), str(image_folder / "checks" / "checks_000.png"), str(tmp_path / "missing.jpg")], Options(k=2))
+    assert "not an image" in answers[0].error
+    assert answers[1].error is None and len(answers[1].hits) == 2
+    assert "file not found" in answers[2].error
+
+
+def test_k_larger_than_the_index_answers_all_with_a_note(service: Service) -> None:
+    [answer] = service.ask([Image.new("RGB", (20, 20), "blue")], Options(k=500))
+    assert len(answer.hits) == 48
+    assert "larger than the index" in answer.note
+
+
+def test_pil_images_of_any_mode(service: Service) -> None:
+    images = [Image.new(mode, (30, 20)) for mode in ("L", "RGBA", "CMYK", "I;16", "P", "1")]
+    answers = service.ask(images, Options(k=1))
+    assert all(a.error is None and len(a.hits) == 1 for a in answers)
+
+
+def test_stream_answers_every_query_in_order(service: Service, image_folder: Path) -> None:
+    files = [str(p) for p in sorted((image_folder / "stripes").iterdir())] * 5
+    answers = list(service.ask_stream(iter(files), Options(k=1), batch_size=7))
+    assert [a.query for a in answers] == files
+    assert all(a.error is None for a in answers)
+
+
+def test_another_encoder_is_refused_unless_forced(tiny_index: Path, tiny_encoder: Path, tmp_path: Path) -> None:
+    other = Encoder.load(tiny_encoder)
+    other.spec.trained_on = "something else"
+    other.save(tmp_path / "other.pt")
+    with pytest.raises(RetrievalError, match=r"sha256 [0-9a-f]{16}.*sha256 [0-9a-f]{16}.*--force"):
+        Service.open(tiny_index, tmp_path / "other.pt")
+    assert Service.open(tiny_index, tmp_path / "other.pt", force=True).store.manifest.count == 48
+
+
+def _hand_made(tiny_encoder: Path) -> Service:
+    # Four labelled items at angles 0, 10, 20 and 90 degrees in a plane (the rest of the
+    # dimensions zero), so that similarities to a query at 0 degrees are cosines.
+    enc = Encoder.load(tiny_encoder)
+    angles = np.radians([0.0, 10.0, 20.0, 90.0])
+    vecs = np.zeros((4, enc.dim), np.float32)
+    vecs[:, 0], vecs[:, 1] = np.cos(angles), np.sin(angles)
+    items = Items([f"item{i}" for i in range(4)], ["cat", "dog", "dog", "cat"], ["a", "b", "c", "d"])
+    return Service(IndexStore.build(vecs, items, enc.checksum), enc)
+
+
+def test_weighted_knn_against_a_hand_computed_example(tiny_encoder: Path) -> None:
+    service = _hand_made(tiny_encoder)
+    q = np.zeros((1, service.encoder.dim), np.float32)
+    q[0, 0] = 1.0
+    [a] = service.answer_vectors(["q"], q, [None], Options(k=3, classify=True, knn_k=3, temperature=0.5))
+    w = {c: math.exp(c / 0.5) for c in (1.0, math.cos(math.radians(10)), math.cos(math.radians(20)))}
+    cat = w[1.0]
+    dog = w[math.cos(math.radians(10))] + w[math.cos(math.radians(20))]
+    assert a.prediction.label == "dog"
+    assert a.prediction.probabilities["dog"] == pytest.approx(dog / (cat + dog), abs=1e-5)
+    assert a.prediction.probabilities["cat"] == pytest.approx(cat / (cat + dog), abs=1e-5)
+    assert [h.ref for h in a.hits] == ["item0", "item1", "item2"]
+
+
+def test_anomaly_verdict_uses_the_calibration(tiny_encoder: Path) -> None:
+    service = _hand_made(tiny_encoder)
+    q = np.zeros((2, service.encoder.dim), np.float32)
+    q[0, 0] = 1.0  # on top of item0
+    q[1, 2] = 1.0  # orthogonal to every item
+    answers = service.answer_vectors(["near", "far"], q, [None, None], Options(k=1, anomaly=True, anomaly_k=2))
+    near, far = answers[0].anomaly, answers[1].anomaly
+    assert near.score == pytest.approx((0 + 1 - math.cos(math.radians(10))) / 2, abs=1e-5)
+    assert far.score == pytest.approx(1.0, abs=1e-5)
+    assert not near.unusual and far.unusual and far.percentile == 100.0

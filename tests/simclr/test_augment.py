@@ -1,0 +1,84 @@
+import colorsys
+
+import pytest
+import torch
+
+from simclr.augment import AugmentConfig, BatchAugment, crop_params, hsv_to_rgb, rgb_to_hsv
+from simclr.errors import SimCLRError
+
+
+def _images(n: int = 8, c: int = 3, size: int = 28) -> torch.Tensor:
+    return torch.randint(0, 256, (n, c, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _augment(cfg: AugmentConfig, c: int = 3) -> BatchAugment:
+    # mean 0, std 1: the output is the augmented image in [0, 1].
+    return BatchAugment(cfg, torch.zeros(c), torch.ones(c))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_and_range(channels: int) -> None:
+    cfg = AugmentConfig(size=32, blur_p=0.5)
+    out = _augment(cfg, channels)(_images(c=channels), torch.Generator().manual_seed(0))
+    assert out.shape == (8, channels, 32, 32)
+    assert out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_reproducible_under_a_seed() -> None:
+    aug = _augment(AugmentConfig(size=24, blur_p=0.5))
+    x = _images()
+    a = aug(x, torch.Generator().manual_seed(7))
+    b = aug(x, torch.Generator().manual_seed(7))
+    c = aug(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_samples_get_independent_parameters() -> None:
+    aug = _augment(AugmentConfig(size=24))
+    same = _images(1).expand(16, -1, -1, -1)
+    out = aug(same, torch.Generator().manual_seed(0))
+    flat = out.flatten(1)
+    distinct = {tuple(row.tolist()) for row in flat}
+    assert len(distinct) == 16
+    # Crops differ in scale: per-sample brightness/contrast/grayscale give different statistics.
+    assert out.mean(dim=(1, 2, 3)).std() > 1e-3
+
+
+def test_crop_matrices_stay_inside_the_image() -> None:
+    cfg = AugmentConfig(crop_scale=(0.08, 1.0))
+    theta = crop_params(4096, 28, 28, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    w, h = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    cx, cy = theta[:, 0, 2], theta[:, 1, 2]
+    assert (cx.abs() + w <= 1 + 1e-6).all() and (cy.abs() + h <= 1 + 1e-6).all()
+    area = w * h
+    assert area.min() >= 0.08 - 1e-4 and area.max() <= 1 + 1e-6
+    assert 0.4 < (theta[:, 0, 0] < 0).float().mean() < 0.6  # flips
+
+
+def test_no_op_config_only_resizes() -> None:
+    cfg = AugmentConfig(size=28, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0, jitter_p=0, grayscale_p=0)
+    x = _images()
+    out = _augment(cfg)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.float() / 255, atol=1e-5)
+
+
+def test_hsv_round_trip_matches_colorsys() -> None:
+    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    hsv = rgb_to_hsv(x)
+    r, g, b = x[0, :, 1, 2].tolist()
+    assert hsv[0, :, 1, 2].tolist() == pytest.approx(list(colorsys.rgb_to_hsv(r, g, b)), abs=1e-5)
+    assert torch.allclose(hsv_to_rgb(hsv), x, atol=1e-5)
+
+
+def test_grayscale_probability_one_gives_equal_channels() -> None:
+    cfg = AugmentConfig(size=16, grayscale_p=1.0, jitter_p=0)
+    out = _augment(cfg)(_images(), torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+
+
+@pytest.mark.parametrize("bad", [dict(crop_scale=(0.5, 0.2)), dict(jitter_p=1.5), dict(size=4), dict(jitter_strength=-1)])
+def test_bad_config_is_refused(bad: dict) -> None:
+    with pytest.raises(SimCLRError):
+        AugmentConfig(**bad)

@@ -1,0 +1,149 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr.checkpoint import safe_load
+from simclr.config import TrainConfig
+from simclr.encoder import Encoder, embed_images
+from simclr.errors import SimCLRError
+from simclr.knn import knn_evaluate
+from simclr.train import CHECKPOINT, ENCODER, METRICS, Trainer, TrainingDiverged, train
+from tests.conftest import TINY
+
+
+def _cfg(folder: Path, out: Path, **changes) -> TrainConfig:
+    return TrainConfig(data=str(folder), out=str(out), **{**TINY, **changes})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return safe_load(path)["model"]
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(image_folder: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(image_folder, tmp_path / "a", epochs=2))
+    # Stop after one epoch of a two-epoch run (as an interruption would), then resume.
+    Trainer(_cfg(image_folder, tmp_path / "b", epochs=2)).fit(until_epoch=1)
+    resumed = train(_cfg(image_folder, tmp_path / "b", epochs=2), resume=True)
+    assert resumed.epochs == 2 and resumed.steps == straight.steps
+    a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_folder: Path) -> None:
+    from simclr.data import load_folder
+
+    run = tiny_encoder.parent
+    for name in (CHECKPOINT, ENCODER, METRICS, "curves.png"):
+        assert (run / name).stat().st_size > 0, name
+    epochs = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    losses = [r["loss"] for r in epochs if r["kind"] == "epoch"]
+    assert len(losses) == 6
+    # NT-Xent of embeddings that carry no information is log(2N - 1) for a batch of N.
+    assert losses[-1] < math.log(2 * 16 - 1) - 0.3
+    enc = Encoder.load(tiny_encoder)
+    data = load_folder(image_folder, size=enc.spec.image_size)
+    feats = embed_images(enc, data.images)
+    assert feats.shape == (48, enc.dim)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(48), atol=1e-4)
+
+
+def test_knn_monitor_runs_on_folder_holdout(image_folder: Path, tmp_path: Path) -> None:
+    result = train(_cfg(image_folder, tmp_path, knn_every=1, knn_k=5))
+    assert result.knn_top1 is not None and 0 <= result.knn_top1 <= 1
+
+
+def test_existing_run_is_not_overwritten(image_folder: Path, tmp_path: Path) -> None:
+    train(_cfg(image_folder, tmp_path))
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(SimCLRError, match="--resume"):
+        train(_cfg(image_folder, tmp_path))
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_with_another_configuration_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    train(_cfg(image_folder, tmp_path))
+    with pytest.raises(SimCLRError, match="another configuration.*width"):
+        train(_cfg(image_folder, tmp_path, width=16), resume=True, explicit={"width"})
+
+
+def test_batch_larger_than_data_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(SimCLRError, match="larger than the data set"):
+        train(_cfg(image_folder, tmp_path, batch_size=64))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("arch", "vgg11", "known: resnet18, resnet34, resnet50"),
+    ("head", "deep", "known: mlp, linear, none"),
+    ("optimizer", "adam", "known: lars, sgd, adamw"),
+    ("data", "mnist:train", "known data sets: fashion-mnist, cifar10"),
+])
+def test_unknown_names_list_the_known_ones(image_folder: Path, tmp_path: Path, field: str, value: str, message: str) -> None:
+    with pytest.raises(SimCLRError, match=message):
+        train(_cfg(image_folder, tmp_path, **{field: value}))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Trainer(_cfg(image_folder, tmp_path, epochs=2)).fit(until_epoch=1)
+    good = (tmp_path / CHECKPOINT).read_bytes()
+    trainer = Trainer(_cfg(image_folder, tmp_path, epochs=2), resume=True)
+    original = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda x, g: original(x, g) * math.nan)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        trainer.fit()
+    assert (tmp_path / CHECKPOINT).read_bytes() == good
+
+
+def test_unknown_config_keys_are_named() -> None:
+    with pytest.raises(SimCLRError, match="colour, speed"):
+        TrainConfig.from_dict({"speed": 1, "colour": 2})
+
+
+def test_encoder_file_round_trips(tiny_encoder: Path, image_folder: Path) -> None:
+    enc = Encoder.load(tiny_encoder)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    again = Encoder.load(tiny_encoder)
+    assert torch.equal(enc.embed(x), again.embed(x))
+    assert enc.checksum == again.checksum and len(enc.checksum) == 64
+
+
+def test_training_checkpoint_is_not_an_encoder(tiny_encoder: Path) -> None:
+    with pytest.raises(SimCLRError, match="training checkpoint"):
+        Encoder.load(tiny_encoder.parent / CHECKPOINT)
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "encoder.pt"
+    torch.save({"format": "simclr-encoder", "payload": Payload()}, evil)
+    with pytest.raises(SimCLRError, match="refused for safety"):
+        Encoder.load(evil)
+    assert not marker.exists()
+
+
+def test_knn_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=1)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=1)
+    q_labels = torch.randint(0, 4, (30,), generator=g)
+    k, t = 7, 0.1
+    result = knn_evaluate(queries, q_labels, gallery, labels, 4, k, t)
+    correct = 0
+    for i in range(30):
+        sims = [(float(queries[i] @ gallery[j]), j) for j in range(200)]
+        sims.sort(reverse=True)
+        votes = [0.0] * 4
+        for s, j in sims[:k]:
+            votes[int(labels[j])] += math.exp(s / t)
+        correct += int(max(range(4), key=lambda c: votes[c]) == int(q_labels[i]))
+    assert result.top1 == pytest.approx(correct / 30)

@@ -1,0 +1,70 @@
+"""The web app's handlers, called directly."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app  # noqa: F401 - the front imports without serving
+from retrieval.service import Service
+from retrieval.webapp import WebApp, build_app, no_index_app, parse_auth
+from retrieval.errors import RetrievalError
+
+
+@pytest.fixture(scope="module")
+def web(tiny_index: Path) -> WebApp:
+    return WebApp(Service.open(tiny_index, device="cpu"), map_points=30)
+
+
+def test_search_shows_k_results_label_and_verdict(web: WebApp, image_folder: Path) -> None:
+    [r] = web.search([str(image_folder / "checks" / "checks_002.png")], [4])
+    assert len(r.gallery) == 4 and len(r.hit_ids) == 4
+    thumb, caption = r.gallery[0]
+    assert isinstance(thumb, Image.Image) and "checks_002.png" in caption and caption.startswith("1.000")
+    assert r.label is not None and abs(sum(r.label.values()) - 1) < 1e-4
+    assert "Anomaly" in r.anomaly and ("normal" in r.anomaly or "unusual" in r.anomaly)
+    assert r.position is not None and all(np.isfinite(r.position))
+
+
+def test_a_batch_of_queries_with_their_own_k(web: WebApp, image_folder: Path) -> None:
+    a, b, c = web.search([str(image_folder / "bars" / "bars_001.png"), None, Image.new("L", (50, 10), 200)], [2, 5, 7])
+    assert len(a.gallery) == 2 and len(c.gallery) == 7
+    assert b.gallery == [] and "Upload an image" in b.anomaly
+
+
+def test_bad_uploads_get_a_message_not_a_trace(web: WebApp, tmp_path: Path) -> None:
+    text = tmp_path / "x.png"
+    text.write_text("just text")
+    [r] = web.search([str(text)], [5])
+    assert r.gallery == [] and "not an image" in r.anomaly
+
+
+def test_clicked_results_and_examples_are_images(web: WebApp) -> None:
+    assert isinstance(web.item_image(3), Image.Image)
+    examples = web.examples(3)
+    assert len(examples) == 3 and {caption for _, caption in examples} == {"bars", "checks", "stripes"}
+
+
+def test_map_places_the_query(web: WebApp) -> None:
+    frame = web.map_frame((0.5, -0.5))
+    assert len(frame) == 31 and frame.iloc[-1]["label"] == "★ query"
+    assert (web.service.store.path / "map_points.npy").exists()
+
+
+def test_files_outside_the_image_roots_are_not_served(web: WebApp, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), "red").save(secret)
+    web.images.refs = [*web.images.refs, str(secret)]
+    with pytest.raises(RetrievalError, match="outside the index's image folders"):
+        web.item_image(len(web.images.refs) - 1)
+
+
+def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> None:
+    demo = build_app(tiny_index, device="cpu")
+    assert "search" in {d.api_name for d in demo.fns.values() if d.api_name}
+    page = no_index_app(tmp_path / "none", "not found")
+    assert page is not None
+    assert parse_auth("ann:secret") == ("ann", "secret")
+    with pytest.raises(RetrievalError, match="user:password"):
+        parse_auth("nocolon")

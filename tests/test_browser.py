@@ -1,0 +1,74 @@
+"""The app in a real browser: headless Chromium (Debian's) driven by Playwright."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/setup.sh --test installs it)"),
+]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", str(tiny_index), "--port", str(port), "--device", "cpu"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"app did not start: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_upload_search_shows_results_and_label(server: str, image_folder: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        # Nothing leaves this machine: requests for other hosts (web fonts) fail at once.
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server) else route.abort())
+        page.goto(server, wait_until="domcontentloaded")
+        page.locator("input[type=file]").first.wait_for(state="attached", timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files(str(image_folder / "stripes" / "stripes_004.png"))
+        results = page.locator("#results img")
+        results.nth(9).wait_for(timeout=60_000)
+        assert results.count() == 10
+        page.wait_for_function("document.querySelector('#knn-label') && /(bars|checks|stripes)/.test(document.querySelector('#knn-label').innerText)", timeout=30_000)
+        assert "Anomaly" in page.locator("#anomaly").inner_text()
+        shot = tmp_path / "app.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        browser.close()
