@@ -54,7 +54,7 @@ def main() -> None:
     for i, text in enumerate(args.variant or [""]):
         overrides = parse_variant(text)
         run_dir = out / f"run-{int(time.time())}-{i}"
-        cfg = TrainConfig(out=str(run_dir), epochs=args.epochs, knn_every=0, progress=False, **overrides)
+        cfg = TrainConfig(**{"out": str(run_dir), "epochs": args.epochs, "knn_every": 0, "progress": False, **overrides})
         from simclr.train import Trainer
 
         start = time.perf_counter()

@@ -31,8 +31,9 @@ from simclr.train import Trainer
 class TwoViews(Dataset):
     """Fashion-MNIST as PIL images, two torchvision-augmented views per item (SimCLR's recipe)."""
 
-    def __init__(self, images: torch.Tensor, size: int, mean: list[float], std: list[float], s: float = 0.5):
+    def __init__(self, images: torch.Tensor, size: int, mean: list[float], std: list[float], s: float = 0.5, rgb: bool = False):
         self.images = images[:, 0].numpy()
+        self.rgb = rgb
         self.t = T.Compose([
             T.RandomResizedCrop(size, scale=(0.08, 1.0)),
             T.RandomHorizontalFlip(),
@@ -47,6 +48,8 @@ class TwoViews(Dataset):
 
     def __getitem__(self, i: int):  # noqa: ANN204
         im = Image.fromarray(self.images[i], mode="L")
+        if self.rgb:  # as libraries built for photos do: every image becomes RGB
+            im = im.convert("RGB")
         return self.t(im), self.t(im)
 
 
@@ -66,6 +69,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--stem", default="standard")
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=1, choices=(1, 3), help="3: Fashion-MNIST as RGB, as photo libraries load it")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=12)
@@ -77,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path("bench/out/throughput")
-    cfg = TrainConfig(out=str(out / f"run-{int(time.time())}"), arch=args.arch, stem=args.stem, image_size=args.image_size,
+    cfg = TrainConfig(out=str(out / f"run-{int(time.time())}"), arch=args.arch, stem=args.stem, width=args.width, in_channels=args.channels, image_size=args.image_size,
                       batch_size=args.batch_size, epochs=1, device=args.device, compile=args.compile, progress=False, knn_every=0)
     trainer = Trainer(cfg)
     device = trainer.device
@@ -108,7 +113,7 @@ def main() -> None:
         trainer.train_step(trainer.images[idx].to(device, non_blocking=True), g)
 
     # (c) per-sample torchvision transforms in DataLoader workers.
-    loader = DataLoader(TwoViews(trainer.data.images, args.image_size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
+    loader = DataLoader(TwoViews(trainer.data.images, args.image_size, trainer.mean, trainer.std, rgb=args.channels == 3), batch_size=b, shuffle=True,
                         num_workers=args.workers, drop_last=True, persistent_workers=True, prefetch_factor=4,
                         pin_memory=device.type == "cuda")
     batches = iter(loader)
@@ -137,7 +142,7 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "config": {"arch": args.arch, "stem": args.stem, "image_size": args.image_size, "batch_size": b,
+        "config": {"arch": args.arch, "width": args.width, "channels": args.channels, "stem": args.stem, "image_size": args.image_size, "batch_size": b,
                    "device": str(device), "precision": str(trainer.amp_dtype), "compile": args.compile, "workers": args.workers},
         "views_per_s": {k: round(v, 1) for k, v in med.items()},
         "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},

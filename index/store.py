@@ -161,6 +161,12 @@ class IndexStore:
     def label_ids(self) -> np.ndarray:
         return self.items.label_ids(self.manifest.classes)
 
+    def exact_vectors(self) -> np.ndarray:
+        """(n, d) float32 vectors: the Flat index's own copies, else the stored float16 ones."""
+        if isinstance(faiss.downcast_index(self.index), faiss.IndexFlat):
+            return self.index.reconstruct_n(0, self.index.ntotal)
+        return np.asarray(self.vectors, dtype=np.float32)
+
     # ------------------------------------------------------------------ disk
     def save(self, path: str | Path, files: dict[str, Path] | None = None) -> None:
         """Write the whole folder atomically (see :func:`replace_folder`), with copies of ``files``

@@ -72,6 +72,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Base learning rate, scaled with the batch size.")] = None,
     lr_scaling: Annotated[Optional[str], typer.Option(help="linear (lr*B/256), sqrt (lr*sqrt(B)) or none.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (not on biases and norms).")] = None,
+    lars_eta: Annotated[Optional[float], typer.Option(help="LARS trust coefficient.")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up length in epochs.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature.")] = None,
     crop_min: Annotated[Optional[float], typer.Option(help="Smallest random-crop area (fraction).")] = None,
@@ -88,6 +89,7 @@ def train(
     knn_every: Annotated[Optional[int], typer.Option(help="kNN monitor every N epochs (0: never).")] = None,
     knn_k: Annotated[Optional[int], typer.Option(help="Neighbours of the kNN monitor.")] = None,
     knn_temperature: Annotated[Optional[float], typer.Option(help="Temperature of the kNN monitor.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log loss, learning rate and throughput every N steps.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar.")] = None,
 ) -> None:
     """Train a SimCLR encoder without labels (also under torchrun for several GPUs)."""
@@ -97,7 +99,10 @@ def train(
 
     overrides = {k: v for k, v in ctx.params.items() if k != "resume" and v is not None}
     cfg = TrainConfig.from_dict(overrides)
-    result = run(cfg, resume=resume, explicit=set(overrides))
+    try:
+        result = run(cfg, resume=resume, explicit=set(overrides))
+    finally:
+        dist.shutdown()
     if dist.is_main():
         knn = f", kNN top-1 {100 * result.knn_top1:.2f}%" if result.knn_top1 is not None else ""
         typer.echo(f"trained {result.epochs} epochs ({result.steps} steps), loss {result.final_loss:.4f}{knn}")
@@ -129,13 +134,14 @@ def knn_eval(
         raise RetrievalError("--gallery-index and --query-index go together")
     if gallery_index is not None:
         gallery, queries = evaluate.features_from_index(gallery_index), evaluate.features_from_index(query_index)
+        result = evaluate.knn_eval_index(queries, gallery_index, k, temperature)
     else:
         if encoder is None:
             raise RetrievalError("give --encoder (or --gallery-index and --query-index)")
         enc = Encoder.load(encoder, pick_device(device))
         gallery = evaluate.embed_labelled(enc, train, progress=not as_json)
         queries = evaluate.embed_labelled(enc, test, classes=gallery.classes, progress=not as_json)
-    result = evaluate.knn_eval(queries, gallery, k, temperature)
+        result = evaluate.knn_eval(queries, gallery, k, temperature)
     report: dict[str, Any] = {
         "k": k, "temperature": temperature, "top1": result.top1, "top5": result.top5,
         "per_class": dict(zip(gallery.classes, result.per_class)), "queries": int(result.predictions.numel()),
@@ -212,7 +218,12 @@ def index_cmd(
         batch_size=batch_size, workers=workers, device=device, memory_budget_gb=memory_budget_gb,
         anomaly_k=anomaly_k, percentile=percentile, progress=progress,
     )
-    report = build_index(cfg)
+    from simclr import dist
+
+    try:
+        report = build_index(cfg)
+    finally:
+        dist.shutdown()
     if report is None:
         return
     for ref, reason in report.failures[:20]:

@@ -18,7 +18,7 @@ from retrieval.anomaly import auroc, knn_distance
 from retrieval.embed import embed_collection, open_collection
 from retrieval.errors import RetrievalError
 from simclr.encoder import Encoder
-from simclr.knn import KNNResult, knn_evaluate, topk_neighbours
+from simclr.knn import KNNResult, knn_evaluate, score_predictions, topk_neighbours, weighted_vote
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class LabelledFeatures:
     source: str
 
 
-def embed_labelled(encoder: Encoder, source: str, classes: list[str] | None = None, batch_size: int = 512, progress: bool = True) -> LabelledFeatures:
+def embed_labelled(encoder: Encoder, source: str, classes: list[str] | None = None, batch_size: int = 256, progress: bool = True) -> LabelledFeatures:
     """Embed a labelled source; labels are mapped onto ``classes`` (or the source's own)."""
     coll = open_collection(source)
     emb = embed_collection(encoder, coll, batch_size=batch_size, progress=progress)
@@ -43,13 +43,35 @@ def embed_labelled(encoder: Encoder, source: str, classes: list[str] | None = No
 
 
 def features_from_index(path: str | Path) -> LabelledFeatures:
+    """The labelled vectors of an index folder (exact float32 copies from a Flat index)."""
     from index import IndexStore
 
     store = IndexStore.load(path)
     if not store.manifest.classes:
         raise RetrievalError(f"index {path} has no labels")
-    vectors = torch.from_numpy(np.asarray(store.vectors, dtype=np.float32))
+    vectors = torch.from_numpy(store.exact_vectors())
     return LabelledFeatures(F.normalize(vectors, dim=1), torch.from_numpy(store.label_ids()), store.manifest.classes, str(path))
+
+
+def knn_eval_index(queries: LabelledFeatures, gallery_path: str | Path, k: int = 200, temperature: float = 0.07) -> KNNResult:
+    """Weighted kNN of labelled queries through a gallery index's own FAISS search."""
+    from index import IndexStore
+
+    store = IndexStore.load(gallery_path)
+    classes = store.manifest.classes
+    if not classes:
+        raise RetrievalError(f"index {gallery_path} has no labels")
+    remap = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(queries.classes) - set(classes))
+    if unknown:
+        raise RetrievalError(f"query classes not in the gallery: {', '.join(unknown[:5])}")
+    q_labels = torch.tensor([remap[queries.classes[i]] if i >= 0 else -1 for i in queries.labels.tolist()])
+    keep = (q_labels >= 0).numpy()
+    sims, ids = store.search(queries.vectors.numpy()[keep], k)
+    gallery_labels = store.label_ids()
+    neighbour_labels = np.where(ids >= 0, gallery_labels[np.maximum(ids, 0)], -1)
+    probs = weighted_vote(torch.from_numpy(sims.copy()), torch.from_numpy(neighbour_labels), len(classes), temperature)
+    return score_predictions(probs, q_labels[torch.from_numpy(keep)], len(classes))
 
 
 def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = 200, temperature: float = 0.07) -> KNNResult:

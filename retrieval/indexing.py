@@ -87,6 +87,10 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
     dist.init_from_env(device)
     if cfg.anomaly_k < 1:
         raise RetrievalError(f"anomaly k must be >= 1, got {cfg.anomaly_k}")
+    if not 0 < cfg.percentile < 100:
+        raise RetrievalError(f"threshold percentile must lie in (0, 100), got {cfg.percentile}")
+    if cfg.batch_size < 1:
+        raise RetrievalError(f"batch size must be >= 1, got {cfg.batch_size}")
     encoder_path = Path(cfg.encoder or out / ENCODER_FILE).expanduser()
     if not cfg.encoder and not cfg.append:
         raise RetrievalError("--encoder is needed to build a new index")

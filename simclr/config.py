@@ -22,8 +22,8 @@ RESUMABLE_CHANGES = frozenset(
 # Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
 # budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"stem": "standard", "epochs": 4, "batch_size": 256},
-    "cuda": {"stem": "small", "epochs": 200, "batch_size": 512},
+    "cpu": {"stem": "standard", "width": 32, "epochs": 10, "batch_size": 256},
+    "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512},
 }
 
 
@@ -40,7 +40,7 @@ class TrainConfig:
     # Architecture.
     arch: str = "resnet18"
     stem: str | None = None
-    width: int = 64
+    width: int | None = None
     in_channels: int | None = None
     image_size: int = 32
     head: str = "mlp"
@@ -56,8 +56,9 @@ class TrainConfig:
     lr_scaling: str = "linear"
     weight_decay: float = 1e-6
     momentum: float = 0.9
+    lars_eta: float = 1e-3
     warmup_epochs: float = 0.5
-    temperature: float = 0.5
+    temperature: float = 0.2
     # Augmentation.
     crop_min: float = 0.08
     crop_max: float = 1.0
@@ -116,6 +117,7 @@ class TrainConfig:
         need(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size is None or self.batch_size >= 2, f"batch size must be >= 2, got {self.batch_size}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
+        need(self.lars_eta > 0, f"LARS trust coefficient must be positive, got {self.lars_eta}")
         need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         need(self.warmup_epochs >= 0, f"warm-up must be >= 0 epochs, got {self.warmup_epochs}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}; known: auto, fp32, bf16, fp16")

@@ -25,8 +25,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Only the main process prints, logs and saves."""
-    return rank() == 0
+    """Only the main process prints, logs and saves (torchrun's RANK decides once the group is gone)."""
+    return rank() == 0 if is_dist() else int(os.environ.get("RANK", "0")) == 0
 
 
 def launched_by_torchrun() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def open_image(source: str | Path | bytes, channels: int = 3) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageReadError(f"{name}: not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{name}: image is too large ({exc})") from None
+        # Pillow refuses before we can look at the size; its message carries the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} Mpx" if found else "too many pixels"
+        raise ImageReadError(f"{name}: image is too large ({size}; the limit is {MAX_PIXELS / 1e6:.0f} Mpx)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: cannot decode image ({exc})") from None
 

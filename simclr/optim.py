@@ -78,10 +78,12 @@ def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
     raise SimCLRError(f"unknown learning-rate scaling {scaling!r}; known: linear, sqrt, none")
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9, eta: float = 1e-3
+) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
     for g in groups:
         g.pop("lars_exclude")
     if name == "sgd":

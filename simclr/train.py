@@ -147,10 +147,13 @@ class Trainer:
         head = build_head(cfg.head, backbone.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_depth)
         model = SimCLRModel(backbone, head)
         if cfg.sync_bn and dist.is_dist():
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log.warning("SyncBatchNorm needs CUDA; each process normalises its own batch")
         self.model = model.to(device, memory_format=torch.channels_last)
         lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, warmup))
         self.amp_dtype = self._amp_dtype()
@@ -238,8 +241,9 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
         views_per_step = 2 * cfg.batch_size
-        last_loss = float("nan")
-        knn_top1 = None
+        last = (self.state or {}).get("record", {})
+        last_loss = last.get("loss", float("nan"))
+        knn_top1 = last.get("knn_top1")
         rate = 0.0
         while self.epoch < stop:
             epoch = self.epoch
@@ -286,7 +290,7 @@ class Trainer:
                     record.update(knn_top1=knn[0], knn_top5=knn[1])
                     if progress is not None:
                         progress.write(f"epoch {self.epoch}: loss {epoch_loss:.4f}, kNN top-1 {100 * knn[0]:.2f}%")
-            self.save()
+            self.save(record)
             if self.metrics is not None:
                 self.metrics.write(**record)
                 self.metrics.plot(cfg.out_dir / CURVES)
@@ -318,7 +322,7 @@ class Trainer:
         )
         return Encoder(spec, self.model.backbone).to(self.device)
 
-    def save(self) -> None:
+    def save(self, record: dict | None = None) -> None:
         """Checkpoint (everything needed to resume) and encoder file, on the main process only."""
         if dist.is_main():
             rng = {"torch": torch.get_rng_state()}
@@ -329,7 +333,7 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "rng": rng,
-                "stats": {"mean": list(self.mean), "std": list(self.std)},
+                "stats": {"mean": list(self.mean), "std": list(self.std)}, "record": dict(record or {}),
             }, self.ckpt_path)
             self.encoder().save(self.cfg.out_dir / ENCODER)
         dist.barrier()

@@ -51,17 +51,17 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # for a run of a few dozen steps), mild augmentation.
 TINY = dict(arch="resnet18", width=8, stem="small", image_size=16, batch_size=16, head_hidden=32,
             head_out=16, epochs=1, knn_every=0, progress=False, log_every=1, workers=0,
-            optimizer="adamw", lr=2e-3, lr_scaling="none", crop_min=0.5, jitter_strength=0.2)
+            optimizer="adamw", lr=2e-3, lr_scaling="none", crop_min=0.5, jitter_strength=0.2, temperature=0.5)
 
 
 @pytest.fixture(scope="session")
 def tiny_encoder(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An encoder trained for six epochs on :func:`image_folder` (seconds on a CPU)."""
+    """An encoder trained for twelve epochs on :func:`image_folder` (seconds on a CPU)."""
     from simclr.config import TrainConfig
     from simclr.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(data=str(image_folder), out=str(out), **{**TINY, "epochs": 6})
+    cfg = TrainConfig(data=str(image_folder), out=str(out), **{**TINY, "epochs": 12})
     return train(cfg).encoder
 
 

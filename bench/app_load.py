@@ -1,0 +1,151 @@
+"""End-to-end query latency of the web app through ``gradio_client``, under concurrent clients.
+
+    python bench/app_load.py --index runs/fashion-mnist/index --clients 8 --queries 1000
+    python bench/app_load.py --index runs/fashion-mnist/index --clients 32 --queries 5000   # the load test
+
+Starts ``app.py`` on a free local port, writes query images (Fashion-MNIST test items as PNG
+files), and lets each client thread call the ``/search`` endpoint (upload, search, results)
+in a closed loop until the total is reached. Reports p50/p90/p99 latency, errors, and the
+server's resident memory after the 1,000th query and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def query_images(folder: Path, count: int) -> list[Path]:
+    from simclr.data import load_images
+
+    data = load_images("fashion-mnist:test")
+    paths = []
+    for i in range(count):
+        p = folder / f"q{i:04d}.png"
+        Image.fromarray(data.images[i * 7 % len(data), 0].numpy()).save(p)
+        paths.append(p)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--download", action="store_true", help="also download each result image, as a browser does")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from gradio_client import Client, handle_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="app-load-"))
+    images = query_images(tmp, 200)
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    log = open(tmp / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", args.index, "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit((tmp / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        warm = Client(url, verbose=False, download_files=False)
+        for i in range(args.warmup):
+            warm.predict(handle_file(str(images[i % len(images)])), args.k, api_name="/search")
+
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        counter = [0]
+        rss = {}
+
+        def client_loop(cid: int) -> None:
+            client = Client(url, verbose=False, download_files=str(tmp / f"dl{cid}") if args.download else False)
+            while True:
+                with lock:
+                    if counter[0] >= args.queries:
+                        return
+                    counter[0] += 1
+                    n = counter[0]
+                path = images[(n * 13 + cid) % len(images)]
+                start = time.perf_counter()
+                try:
+                    gallery, *_ = client.predict(handle_file(str(path)), args.k, api_name="/search")
+                    if len(gallery) != args.k:
+                        raise RuntimeError(f"{len(gallery)} results instead of {args.k}")
+                    ok = True
+                except Exception as exc:  # noqa: BLE001 - counted, reported
+                    ok = False
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                    if n == 1000:
+                        rss["at_1000"] = rss_mb(server.pid)
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
+        wall = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - wall
+        rss["at_end"] = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+    ms = np.array(latencies) * 1000
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "index": args.index, "clients": args.clients, "queries": args.queries,
+        "k": args.k, "download_results": args.download, "ok": len(latencies), "errors": len(errors), "first_errors": errors[:5],
+        "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+        "p90_ms": round(float(np.percentile(ms, 90)), 1) if len(ms) else None,
+        "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+        "throughput_qps": round(len(latencies) / wall, 1),
+        "server_rss_mb": {k: round(v, 1) for k, v in rss.items()},
+        "rss_growth_after_1000": round(rss["at_end"] / rss["at_1000"] - 1, 4) if "at_1000" in rss else None,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Take the README's screenshot: serve an index, search with one image in headless Chromium, save a PNG.
+
+    .venv/bin/python scripts/screenshot.py --index runs/fashion-mnist/index --query-item 60123 --out docs/app.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--query-item", type=int, default=0, help="id of the indexed item to search with")
+    ap.add_argument("--out", default="docs/app.png")
+    args = ap.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from retrieval.service import Service
+    from retrieval.webapp import WebApp
+
+    query = Path(tempfile.mkdtemp()) / "query.png"
+    web = WebApp(Service.open(args.index, device="cpu"))
+    web.item_image(args.query_item).save(query)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", args.index, "--port", str(port)], cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
+            page.goto(url, wait_until="domcontentloaded")
+            page.locator("input[type=file]").first.set_input_files(str(query))
+            page.locator("#results img").nth(9).wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)  # the map follows the results
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=args.out, full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
