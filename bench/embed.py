@@ -10,14 +10,13 @@ Both are timed in alternating rounds; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from common import write_report
 from retrieval.embed import embed_collection, open_collection
 from retrieval.service import pick_device
 from simclr.encoder import Encoder
@@ -75,10 +74,7 @@ def main() -> None:
         "a_model_only_img_s": round(statistics.median(a), 1), "b_embed_img_s": round(statistics.median(b), 1),
         "b_over_a": round(statistics.median(b) / statistics.median(a), 3), "rounds": {"a": [round(v) for v in a], "b": [round(v) for v in b]},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ JSON report lists every point, so the fastest setting that reaches the target re
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
+from common import write_report
 from index import ann
 
 
@@ -108,9 +107,7 @@ def main() -> None:
         del index
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {faiss.omp_get_max_threads()} threads",
               "data": data, "queries": len(queries), "batch": args.batch, "rows": rows}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json, show=False)
 
 
 if __name__ == "__main__":

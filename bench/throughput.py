@@ -13,7 +13,6 @@ Prints views/s for each (views = 2 per image) and the ratios b/a and b/c; --json
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common import write_report
 from simclr.config import TrainConfig
 from simclr.train import Trainer
 
@@ -95,12 +95,7 @@ def main() -> None:
     views = torch.randn(2 * b, c, args.image_size, args.image_size, device=device).contiguous(memory_format=torch.channels_last)
 
     def model_step() -> None:
-        with torch.autocast(device.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
-            z = trainer.forward(views)
-        loss = trainer.loss_fn(*z.float().chunk(2))
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+        trainer.step_on_views(views)
 
     # (b) the trainer's step: index a batch of uint8 images, augment twice on the device, step.
     order = torch.randperm(len(trainer.data), generator=torch.Generator().manual_seed(0))
@@ -125,13 +120,7 @@ def main() -> None:
         except StopIteration:
             batches = iter(loader)
             v1, v2 = next(batches)
-        x = torch.cat([v1, v2]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
-            z = trainer.forward(x)
-        loss = trainer.loss_fn(*z.float().chunk(2))
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+        trainer.step_on_views(torch.cat([v1, v2]).to(device, non_blocking=True))
 
     rates: dict[str, list[float]] = {"a_model_only": [], "b_full_step": [], "c_dataloader": []}
     for _ in range(args.rounds):
@@ -149,10 +138,7 @@ def main() -> None:
         "b_over_a": round(med["b_full_step"] / med["a_model_only"], 3),
         "b_over_c": round(med["b_full_step"] / med["c_dataloader"], 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

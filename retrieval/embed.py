@@ -125,16 +125,21 @@ def _progress(total: int, enabled: bool):  # noqa: ANN202
 
 def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded:  # noqa: ANN001
     images = match_channels(coll.images, encoder.spec.in_channels)
-    hashes = [hashlib.sha256(coll.images[i].numpy().tobytes()).hexdigest() for i in positions]
-    keep = [p for p, h in zip(positions, hashes) if h not in skip]
-    kept_hash = {p: h for p, h in zip(positions, hashes)}
+    flat = coll.images.numpy().reshape(len(coll), -1)
+    hashes = {p: hashlib.sha256(flat[p].tobytes()).hexdigest() for p in positions}
+    keep = [p for p in positions if hashes[p] not in skip]
+    # Whole runs of consecutive items are sliced, not gathered.
+    contiguous = len(keep) > 0 and keep[-1] - keep[0] == len(keep) - 1
     out = []
     for start in range(0, len(keep), batch_size):
-        idx = torch.tensor(keep[start : start + batch_size])
-        out.append(encoder.embed(images[idx]).cpu())
+        if contiguous:
+            batch = images[keep[start] : keep[start] + min(batch_size, len(keep) - start)]
+        else:
+            batch = images[torch.tensor(keep[start : start + batch_size])]
+        out.append(encoder.embed(batch).cpu())
         if bar is not None:
-            bar.update(len(idx))
-    return _result(encoder, coll, keep, out, [kept_hash[p] for p in keep], [], len(positions) - len(keep))
+            bar.update(len(batch))
+    return _result(encoder, coll, keep, out, [hashes[p] for p in keep], [], len(positions) - len(keep))
 
 
 def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Embedded:  # noqa: ANN001
@@ -169,7 +174,7 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
 def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:  # noqa: ANN001
     vectors = torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
     items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
-    return Embedded(vectors.astype(np.float32), items, np.asarray(keep, dtype=np.int64), failures, duplicates)
+    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), failures, duplicates)
 
 
 def merge(parts: list[Embedded]) -> Embedded:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index import IndexStore, IndexStoreError, Items
+from index import IndexStore, Items
 from index.ann import DEFAULT_MEMORY_BUDGET
 from retrieval.anomaly import CALIBRATION_SAMPLE, DEFAULT_K, DEFAULT_PERCENTILE, Calibration, leave_one_out
 from retrieval.embed import Embedded, embed_collection, merge, open_collection

@@ -7,6 +7,7 @@ table edited by hand cannot make the app read anything else.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -30,8 +31,11 @@ class ItemImages:
         sources: the manifest's source strings (folders and data sets).
     """
 
-    def __init__(self, refs: list[str], sources: list[str], cache_size: int = 2048):
+    def __init__(self, refs: list[str], sources: list[str], cache_size: int = 2048, folder: Path | None = None):
         self.refs = refs
+        # Thumbnails written once as PNG files, so that a page serves files instead of
+        # encoding images on every request.
+        self.folder = folder
         self.roots: list[Path] = []
         self.datasets: dict[str, str] = {}  # "fashion-mnist:train" / "cifar10:train" -> source string
         for source in sources:
@@ -64,6 +68,17 @@ class ItemImages:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return im
+
+    def file(self, item_id: int) -> str:
+        """A PNG thumbnail of the item in :attr:`folder` (written on first use)."""
+        if self.folder is None:
+            raise RetrievalError("no thumbnail folder was set")
+        path = self.folder / f"{item_id}.png"
+        if not path.exists():
+            tmp = self.folder / f".{item_id}.{threading.get_ident()}.png"
+            self.image(item_id).save(tmp)
+            os.replace(tmp, path)
+        return str(path)
 
     def _load(self, item_id: int) -> Image.Image:
         if not 0 <= item_id < len(self.refs):

@@ -7,13 +7,15 @@ searched in one pass.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -54,7 +56,7 @@ retrieval serve runs/mine/index
 class SearchResult:
     """What one search shows: gallery items, label probabilities, anomaly text, hit ids, map position."""
 
-    gallery: list[tuple[Image.Image, str]]
+    gallery: list[tuple[str, str]]  # (thumbnail file, caption)
     label: dict[str, float] | None
     anomaly: str
     hit_ids: list[int]
@@ -67,7 +69,11 @@ class WebApp:
     def __init__(self, service: Service, map_points: int = 2000):
         self.service = service
         store = service.store
-        self.images = ItemImages(store.items.refs, store.manifest.sources)
+        self.thumbnails = Path(tempfile.mkdtemp(prefix="retrieval-thumbnails-"))
+        atexit.register(shutil.rmtree, self.thumbnails, True)
+        self.images = ItemImages(store.items.refs, store.manifest.sources, folder=self.thumbnails)
+        self.placeholder = str(self.thumbnails / "unavailable.png")
+        Image.new("RGB", (32, 32), (220, 220, 220)).save(self.placeholder)
         self._map: EmbeddingMap | None = None
         self._map_points = map_points
 
@@ -97,10 +103,10 @@ class WebApp:
         gallery, ids = [], []
         for hit in answer.hits[:k]:
             try:
-                thumb = self.images.image(hit.id)
+                thumb = self.images.file(hit.id)
             except USER_ERRORS as exc:
                 log.warning("%s", exc)
-                thumb = Image.new("RGB", (32, 32), (220, 220, 220))
+                thumb = self.placeholder
             name = Path(hit.ref).name if "/" in hit.ref else hit.ref
             gallery.append((thumb, f"{hit.similarity:.3f} · {hit.label or '-'} · {name}"))
             ids.append(hit.id)
@@ -235,16 +241,18 @@ def no_index_app(path: Path, reason: str) -> gr.Blocks:
     return demo
 
 
-def build_app(index_dir: str | Path | None = None, device: str = "auto") -> gr.Blocks:
-    """The app for ``index_dir`` (default: the README demo's index), or a page saying how to build one."""
+def build_app(index_dir: str | Path | None = None, device: str = "auto") -> tuple[gr.Blocks, list[str]]:
+    """The app for ``index_dir`` (default: the README demo's index), or a page saying how to build
+    one; with the folders it may serve files from (its thumbnails)."""
     path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
     try:
         service = Service.open(path, device=device)
     except USER_ERRORS as exc:
         if index_dir is not None:
             raise
-        return no_index_app(path, str(exc))
-    return WebApp(service).build()
+        return no_index_app(path, str(exc)), []
+    web = WebApp(service)
+    return web.build(), [str(web.thumbnails)]
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -260,6 +268,8 @@ def launch(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
            share: bool = False, device: str = "auto", **kwargs: Any) -> None:
     """Serve the app; binds localhost unless told otherwise, and shares only when asked."""
     credentials = parse_auth(auth)
-    demo = build_app(index_dir, device)
+    demo, allowed = build_app(index_dir, device)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, auth=credentials, share=share, show_error=False, **kwargs)
+    # The thumbnail folder is the only place the app serves files from, besides Gradio's own cache.
+    demo.launch(server_name=host, server_port=port, auth=credentials, share=share, show_error=False,
+                allowed_paths=allowed, **kwargs)

@@ -22,8 +22,8 @@ RESUMABLE_CHANGES = frozenset(
 # Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
 # budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"stem": "standard", "width": 32, "epochs": 10, "batch_size": 256},
-    "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512},
+    "cpu": {"stem": "standard", "width": 32, "epochs": 10, "batch_size": 256, "knn_every": 5},
+    "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10},
 }
 
 
@@ -75,7 +75,7 @@ class TrainConfig:
     workers: int = 4
     seed: int = 0
     # Monitoring.
-    knn_every: int = 1
+    knn_every: int | None = None
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_max_gallery: int = 60000
@@ -122,7 +122,7 @@ class TrainConfig:
         need(self.warmup_epochs >= 0, f"warm-up must be >= 0 epochs, got {self.warmup_epochs}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}; known: auto, fp32, bf16, fp16")
         need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
-        need(self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
+        need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
         self.augment_config(1)  # checks the augmentation ranges
 

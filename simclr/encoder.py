@@ -80,7 +80,8 @@ class Encoder(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised backbone features (B, D), float32, on the encoder's device."""
         was_training = self.backbone.training
-        self.backbone.eval()
+        if was_training:  # (switching modes walks every module: only when needed)
+            self.backbone.eval()
         x = self.preprocess(x)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -88,7 +89,8 @@ class Encoder(nn.Module):
                 feats = self.backbone(x)
         else:
             feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
-        self.backbone.train(was_training)
+        if was_training:
+            self.backbone.train()
         return F.normalize(feats.float(), dim=1)
 
     def save(self, path: str | Path) -> str:

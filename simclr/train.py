@@ -217,7 +217,11 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One optimiser step on uint8 images (B, C, H, W); returns the loss (a 0-d tensor)."""
-        views = torch.cat([self.augment(x, g), self.augment(x, g)]).contiguous(memory_format=torch.channels_last)
+        return self.step_on_views(torch.cat([self.augment(x, g), self.augment(x, g)]))
+
+    def step_on_views(self, views: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on augmented views (2B, C, S, S): view 1 of B images, then view 2."""
+        views = views.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             z = self.forward(views)
         z1, z2 = z.float().chunk(2)

@@ -21,7 +21,8 @@ def test_search_shows_k_results_label_and_verdict(web: WebApp, image_folder: Pat
     [r] = web.search([str(image_folder / "checks" / "checks_002.png")], [4])
     assert len(r.gallery) == 4 and len(r.hit_ids) == 4
     thumb, caption = r.gallery[0]
-    assert isinstance(thumb, Image.Image) and "checks_002.png" in caption and caption.startswith("1.000")
+    assert Path(thumb).parent == web.thumbnails and Image.open(thumb).size == (32, 32)
+    assert "checks_002.png" in caption and caption.startswith("1.000")
     assert r.label is not None and abs(sum(r.label.values()) - 1) < 1e-4
     assert "Anomaly" in r.anomaly and ("normal" in r.anomaly or "unusual" in r.anomaly)
     assert r.position is not None and all(np.isfinite(r.position))
@@ -61,7 +62,8 @@ def test_files_outside_the_image_roots_are_not_served(web: WebApp, tmp_path: Pat
 
 
 def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> None:
-    demo = build_app(tiny_index, device="cpu")
+    demo, allowed = build_app(tiny_index, device="cpu")
+    assert len(allowed) == 1 and "thumbnails" in allowed[0]
     assert "search" in {d.api_name for d in demo.fns.values() if d.api_name}
     page = no_index_app(tmp_path / "none", "not found")
     assert page is not None

@@ -2,12 +2,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from tests.conftest import TINY
 
 runner = CliRunner()
 
