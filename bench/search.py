@@ -47,6 +47,15 @@ def qps(index: faiss.Index, queries: np.ndarray, k: int, batch: int) -> tuple[fl
     return len(queries) / (time.perf_counter() - start), np.concatenate(ids)
 
 
+def sweep(factory: str) -> list[dict[str, int]]:
+    """Search settings to try: HNSW's breadth, IVF's lists visited, a refine stage's depth."""
+    if "HNSW" in factory:
+        return [{"ef_search": ef} for ef in (16, 32, 64, 128, 256, 512)]
+    if "RFlat" in factory or "Refine" in factory:
+        return [{"nprobe": p, "k_factor": f} for p, f in ((8, 4), (8, 16), (32, 4), (32, 16), (32, 64), (128, 64))]
+    return [{"nprobe": p} for p in (8, 16, 32, 64, 128)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -96,11 +105,10 @@ def main() -> None:
         start = time.perf_counter()
         index, _ = ann.build(base, factory)
         build_s = time.perf_counter() - start
-        sweep = [16, 32, 64, 128, 256] if "HNSW" in factory else [8, 16, 32, 64, 128]
-        for p in sweep:
-            ann.set_search_params(index, nprobe=p, ef_search=p)
+        for params in sweep(factory):
+            ann.set_search_params(index, **params)
             speed, ids = qps(index, queries, args.k, args.batch)
-            rows.append({"factory": factory, "param": ("efSearch" if "HNSW" in factory else "nprobe") + f"={p}",
+            rows.append({"factory": factory, "param": ", ".join(f"{k}={v}" for k, v in params.items()),
                          "build_s": round(build_s, 1), "qps": round(speed, 1), "recall@10": round(recall(ids, truth), 4),
                          "speedup": round(speed / flat_qps, 1)})
             print(rows[-1], flush=True)

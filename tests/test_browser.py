@@ -1,14 +1,10 @@
 """The app in a real browser: headless Chromium (Debian's) driven by Playwright."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.appserver import serve
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -19,37 +15,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_index: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "app.log"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", str(tiny_index), "--port", str(port), "--device", "cpu"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"app did not start: {log.read_text()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with serve(tiny_index, tmp_path_factory.mktemp("server") / "app.log") as url:
+        yield url
 
 
 def test_upload_search_shows_results_and_label(server: str, image_folder: Path, tmp_path: Path) -> None:

@@ -55,10 +55,18 @@ def test_search_params_change_ivf_breadth() -> None:
     assert ann.faiss.extract_index_ivf(index).nprobe == 7
 
 
+def test_search_params_change_refine_depth() -> None:
+    index, _ = ann.build(clustered(4000, 16, 4), "IVF32,PQ4,RFlat")
+    ann.set_search_params(index, k_factor=3)
+    assert ann.faiss.downcast_index(index).k_factor == 3
+    ann.set_search_params(index)
+    assert ann.faiss.downcast_index(index).k_factor == ann.REFINE_K_FACTOR
+
+
 def test_auto_choice_by_size() -> None:
     assert ann.choose_factory(10_000, 512) == "Flat"
-    assert ann.choose_factory(2_000_000, 128) == "HNSW32"
-    assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30).startswith("IVF")
+    assert ann.choose_factory(2_000_000, 128) == "IVF4096,Flat"
+    assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30) == "IVF32768,PQ128"
 
 
 def test_k_larger_than_index_returns_everything() -> None:

@@ -116,17 +116,35 @@ def test_training_checkpoint_is_not_an_encoder(tiny_encoder: Path) -> None:
         Encoder.load(tiny_encoder.parent / CHECKPOINT)
 
 
-def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_code_in_an_encoder_file_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     evil = tmp_path / "encoder.pt"
-    torch.save({"format": "simclr-encoder", "payload": Payload()}, evil)
+    torch.save({"format": "simclr-encoder", "payload": _Payload(marker)}, evil)
     with pytest.raises(SimCLRError, match="refused for safety"):
         Encoder.load(evil)
+    assert not marker.exists()
+
+
+def test_pickled_code_in_a_checkpoint_is_refused_on_resume(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(image_folder), out=str(run), **TINY)
+    train(cfg)
+    marker = tmp_path / "pwned"
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    state["payload"] = _Payload(marker)
+    torch.save(state, run / CHECKPOINT)
+    with pytest.raises(SimCLRError, match="refused for safety"):
+        train(TrainConfig(data=str(image_folder), out=str(run), **{**TINY, "epochs": 2}), resume=True)
     assert not marker.exists()
 
 
