@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 from PIL import Image
 
 from index.errors import IndexStoreError
 from retrieval.errors import RetrievalError
 from retrieval.items import ItemImages
+from retrieval.mapplot import MapPlot
 from retrieval.projection import EmbeddingMap
 from retrieval.service import Answer, Options, Service
 from simclr.errors import SimCLRError
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 MAX_BATCH = 16
+CACHE_SECONDS = 3600
 USER_ERRORS = (SimCLRError, RetrievalError, IndexStoreError)
 
 HOW_TO_BUILD = """
@@ -75,6 +76,7 @@ class WebApp:
         self.placeholder = str(self.thumbnails / "unavailable.png")
         Image.new("RGB", (32, 32), (220, 220, 220)).save(self.placeholder)
         self._map: EmbeddingMap | None = None
+        self._plot: MapPlot | None = None
         self._map_points = map_points
 
     # ------------------------------------------------------------------ handlers
@@ -140,15 +142,13 @@ class WebApp:
         self.example_ids = [i for i in chosen][: len(out)]
         return out
 
-    def map_frame(self, position: tuple[float, float] | None) -> pd.DataFrame:
-        """The gallery's 2-D map as rows (x, y, label), plus the query when there is one."""
-        m = self.embedding_map()
-        labels = self.service.store.items.labels
-        ids = m.points[:, 0].astype(int)
-        frame = pd.DataFrame({"x": m.points[:, 1], "y": m.points[:, 2], "label": [labels[i] or "unlabelled" for i in ids]})
-        if position is not None:
-            frame = pd.concat([frame, pd.DataFrame({"x": [position[0]], "y": [position[1]], "label": ["★ query"]})], ignore_index=True)
-        return frame
+    def map_image(self, position: tuple[float, float] | None) -> Image.Image:
+        """The gallery's 2-D map coloured by label, with the query's star when there is one."""
+        if self._plot is None:
+            m = self.embedding_map()
+            labels = self.service.store.items.labels
+            self._plot = MapPlot(m.points[:, 1:3], [labels[int(i)] for i in m.points[:, 0]])
+        return self._plot.render(position)
 
     def embedding_map(self) -> EmbeddingMap:
         if self._map is None:
@@ -167,7 +167,8 @@ class WebApp:
     def build(self) -> gr.Blocks:
         self.embedding_map()
         examples = self.examples()
-        with gr.Blocks(title="Image retrieval") as demo:
+        # Uploads, results and maps that Gradio caches as files are deleted after an hour.
+        with gr.Blocks(title="Image retrieval", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
             gr.Markdown("## Image retrieval\n" + self.facts_markdown())
             hits = gr.State([])
             position = gr.State(None)
@@ -184,8 +185,8 @@ class WebApp:
                     with gr.Row():
                         label = gr.Label(label="kNN label", num_top_classes=5, elem_id="knn-label")
                         anomaly = gr.Markdown("", elem_id="anomaly")
-            plot = gr.ScatterPlot(value=self.map_frame(None), x="x", y="y", color="label", height=380,
-                                  label="Embedding map (PCA of the index; the query is ★)")
+            plot = gr.Image(value=self.map_image(None), type="pil", interactive=False, show_label=True, buttons=["download"],
+                            label="Embedding map (PCA of the index; the query is the black star)", elem_id="map")
 
             def run(images: list, ks: list) -> tuple[list, list, list, list, list]:
                 try:
@@ -201,9 +202,9 @@ class WebApp:
             outputs = [gallery, label, anomaly, hits, position]
             search_event = dict(fn=run, inputs=[query, k], outputs=outputs, batch=True, max_batch_size=MAX_BATCH)
             button.click(**search_event, api_name="search").then(
-                self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+                self.map_image, inputs=position, outputs=plot, api_visibility="private")
             query.upload(**search_event, api_visibility="private").then(
-                self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+                self.map_image, inputs=position, outputs=plot, api_visibility="private")
 
             def pick(ids: list[int], evt: gr.SelectData) -> Image.Image:
                 try:
@@ -215,7 +216,7 @@ class WebApp:
             for source, ids in ((gallery, hits), (example_row, chosen)):
                 source.select(pick, inputs=ids, outputs=query, api_visibility="private").then(
                     **search_event, api_visibility="private").then(
-                    self.map_frame, inputs=position, outputs=plot, api_visibility="private")
+                    self.map_image, inputs=position, outputs=plot, api_visibility="private")
         return demo
 
 

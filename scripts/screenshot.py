@@ -32,7 +32,8 @@ def main() -> None:
 
     query = Path(tempfile.mkdtemp()) / "query.png"
     web = WebApp(Service.open(args.index, device="cpu"))
-    web.item_image(args.query_item).save(query)
+    im = web.item_image(args.query_item)
+    im.resize((im.width * 4, im.height * 4), 0).save(query)  # nearest-neighbour: large enough to see in the box
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,9 +52,14 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
             page.goto(url, wait_until="domcontentloaded")
+            page.locator("#map img").first.wait_for(timeout=60_000)
+            before = page.locator("#map img").first.get_attribute("src")
             page.locator("input[type=file]").first.set_input_files(str(query))
             page.locator("#results img").nth(9).wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)  # the map follows the results
+            # The map follows the results: wait for its new picture, with the query's star.
+            page.wait_for_function("b => { const i = document.querySelector('#map img'); return i && i.src !== b && i.complete; }",
+                                   arg=before, timeout=30_000)
+            page.wait_for_timeout(300)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
