@@ -18,7 +18,7 @@ from retrieval.anomaly import auroc, knn_distance
 from retrieval.embed import embed_collection, open_collection
 from retrieval.errors import RetrievalError
 from simclr.encoder import Encoder
-from simclr.knn import KNNResult, knn_evaluate, score_predictions, topk_neighbours, weighted_vote
+from simclr.knn import TIE_MARGIN, KNNResult, canonical_topk, knn_evaluate, score_predictions, topk_neighbours, weighted_vote
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,14 @@ def features_from_index(path: str | Path) -> LabelledFeatures:
     store = IndexStore.load(path)
     if not store.manifest.classes:
         raise RetrievalError(f"index {path} has no labels")
-    vectors = torch.from_numpy(store.exact_vectors())
-    return LabelledFeatures(F.normalize(vectors, dim=1), torch.from_numpy(store.label_ids()), store.manifest.classes, str(path))
+    return LabelledFeatures(_unit(store.exact_vectors()), torch.from_numpy(store.label_ids()), store.manifest.classes, str(path))
+
+
+def _unit(vectors: np.ndarray) -> torch.Tensor:
+    """Stored embeddings as unit vectors: untouched when they are (a Flat index's exact copies, so
+    that they equal freshly computed ones bit for bit), renormalised when stored at lower precision."""
+    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    return v if ((v.norm(dim=1) - 1).abs() < 1e-5).all() else F.normalize(v, dim=1)
 
 
 def knn_eval_index(queries: LabelledFeatures, gallery_path: str | Path, k: int = 200, temperature: float = 0.07) -> KNNResult:
@@ -67,10 +73,14 @@ def knn_eval_index(queries: LabelledFeatures, gallery_path: str | Path, k: int =
         raise RetrievalError(f"query classes not in the gallery: {', '.join(unknown[:5])}")
     q_labels = torch.tensor([remap[queries.classes[i]] if i >= 0 else -1 for i in queries.labels.tolist()])
     keep = (q_labels >= 0).numpy()
-    sims, ids = store.search(queries.vectors.numpy()[keep], k)
-    gallery_labels = store.label_ids()
-    neighbour_labels = np.where(ids >= 0, gallery_labels[np.maximum(ids, 0)], -1)
-    probs = weighted_vote(torch.from_numpy(sims.copy()), torch.from_numpy(neighbour_labels), len(classes), temperature)
+    q = queries.vectors[torch.from_numpy(keep)]
+    _, ids = store.search(q.numpy(), k + TIE_MARGIN)
+    # The same float64 re-ranking of the candidates as knn-eval's torch path: the same neighbours.
+    gallery = _unit(store.exact_vectors())
+    sims, idx = canonical_topk(q, gallery, torch.from_numpy(ids), k)
+    gallery_labels = torch.from_numpy(store.label_ids())
+    neighbour_labels = torch.where(idx >= 0, gallery_labels[idx.clamp(min=0)], -1)
+    probs = weighted_vote(sims, neighbour_labels, len(classes), temperature)
     return score_predictions(probs, q_labels[torch.from_numpy(keep)], len(classes))
 
 

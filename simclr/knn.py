@@ -41,6 +41,34 @@ def topk_neighbours(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk:
     return torch.cat(sims), torch.cat(idx)
 
 
+TIE_MARGIN = 8  # extra candidates re-ranked, so that near-ties at the k-th place are decided exactly
+
+
+def canonical_topk(queries: torch.Tensor, gallery: torch.Tensor, candidates: torch.Tensor, k: int,
+                   chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank candidate neighbours (Q, m) in float64, ties to the lower index; keep k.
+
+    Float32 matrix products order near-equal similarities differently from one library (or
+    one batch shape) to the next; re-ranking a few more candidates than needed in float64 makes
+    the torch path and the FAISS path pick the same k neighbours. Missing candidates are -1.
+    """
+    k = min(k, candidates.shape[1])
+    sims_out, idx_out = [], []
+    for start in range(0, queries.shape[0], chunk):
+        cand = candidates[start : start + chunk]
+        q = queries[start : start + chunk].to(torch.float64)
+        g = gallery[cand.clamp(min=0)].to(torch.float64)
+        sims = torch.einsum("qd,qmd->qm", q, g)
+        sims = torch.where(cand >= 0, sims, torch.full_like(sims, -torch.inf))
+        # Sort by index, then stably by similarity: equal similarities keep the lower index first.
+        by_index = cand.where(cand >= 0, torch.full_like(cand, torch.iinfo(cand.dtype).max)).argsort(dim=1)
+        sims, cand = sims.gather(1, by_index), cand.gather(1, by_index)
+        order = sims.argsort(dim=1, descending=True, stable=True)[:, :k]
+        sims_out.append(sims.gather(1, order).to(torch.float32))
+        idx_out.append(cand.gather(1, order))
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
 @dataclass
 class KNNResult:
     top1: float
@@ -61,7 +89,8 @@ def knn_classify(
     """Class probabilities (Q, C) of each query under weighted kNN against the gallery."""
     if gallery_feats.shape[0] == 0:
         raise SimCLRError("the kNN gallery is empty")
-    sims, idx = topk_neighbours(query_feats, gallery_feats, k)
+    candidates = topk_neighbours(query_feats, gallery_feats, k + TIE_MARGIN)[1]
+    sims, idx = canonical_topk(query_feats, gallery_feats, candidates, k)
     return weighted_vote(sims, gallery_labels.to(idx.device)[idx], num_classes, temperature)
 
 
