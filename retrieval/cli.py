@@ -133,8 +133,11 @@ def knn_eval(
     if (gallery_index is None) != (query_index is None):
         raise RetrievalError("--gallery-index and --query-index go together")
     if gallery_index is not None:
-        gallery, queries = evaluate.features_from_index(gallery_index), evaluate.features_from_index(query_index)
-        result = evaluate.knn_eval_index(queries, gallery_index, k, temperature)
+        from index import IndexStore
+
+        store = IndexStore.load(gallery_index)
+        gallery, queries = evaluate.features_from_store(store), evaluate.features_from_index(query_index)
+        result = evaluate.knn_eval_index(queries, store, gallery, k, temperature)
     else:
         if encoder is None:
             raise RetrievalError("give --encoder (or --gallery-index and --query-index)")

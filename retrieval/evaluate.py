@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from retrieval.embed import embed_collection, open_collection
 from retrieval.errors import RetrievalError
 from simclr.encoder import Encoder
 from simclr.knn import TIE_MARGIN, KNNResult, canonical_topk, knn_evaluate, score_predictions, topk_neighbours, weighted_vote
+
+if TYPE_CHECKING:  # FAISS is imported only where an index is used: training machines may lack it
+    from index import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,18 @@ def embed_labelled(encoder: Encoder, source: str, classes: list[str] | None = No
     return LabelledFeatures(torch.from_numpy(emb.vectors), labels, names, coll.source)
 
 
+def features_from_store(store: IndexStore) -> LabelledFeatures:
+    """The labelled vectors of a loaded index (exact float32 copies from a Flat index)."""
+    if not store.manifest.classes:
+        raise RetrievalError(f"index {store.path} has no labels")
+    return LabelledFeatures(_unit(store.exact_vectors()), torch.from_numpy(store.label_ids()), store.manifest.classes, str(store.path))
+
+
 def features_from_index(path: str | Path) -> LabelledFeatures:
-    """The labelled vectors of an index folder (exact float32 copies from a Flat index)."""
+    """The labelled vectors of an index folder."""
     from index import IndexStore
 
-    store = IndexStore.load(path)
-    if not store.manifest.classes:
-        raise RetrievalError(f"index {path} has no labels")
-    return LabelledFeatures(_unit(store.exact_vectors()), torch.from_numpy(store.label_ids()), store.manifest.classes, str(path))
+    return features_from_store(IndexStore.load(path))
 
 
 def _unit(vectors: np.ndarray) -> torch.Tensor:
@@ -59,48 +67,45 @@ def _unit(vectors: np.ndarray) -> torch.Tensor:
     return v if ((v.norm(dim=1) - 1).abs() < 1e-5).all() else F.normalize(v, dim=1)
 
 
-def knn_eval_index(queries: LabelledFeatures, gallery_path: str | Path, k: int = 200, temperature: float = 0.07) -> KNNResult:
-    """Weighted kNN of labelled queries through a gallery index's own FAISS search."""
-    from index import IndexStore
-
-    store = IndexStore.load(gallery_path)
-    classes = store.manifest.classes
-    if not classes:
-        raise RetrievalError(f"index {gallery_path} has no labels")
-    remap = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(queries.classes) - set(classes))
-    if unknown:
-        raise RetrievalError(f"query classes not in the gallery: {', '.join(unknown[:5])}")
-    q_labels = torch.tensor([remap[queries.classes[i]] if i >= 0 else -1 for i in queries.labels.tolist()])
-    keep = (q_labels >= 0).numpy()
-    q = queries.vectors[torch.from_numpy(keep)]
-    _, ids = store.search(q.numpy(), k + TIE_MARGIN)
-    # The same float64 re-ranking of the candidates as knn-eval's torch path: the same neighbours.
-    gallery = _unit(store.exact_vectors())
-    sims, idx = canonical_topk(q, gallery, torch.from_numpy(ids), k)
-    gallery_labels = torch.from_numpy(store.label_ids())
-    neighbour_labels = torch.where(idx >= 0, gallery_labels[idx.clamp(min=0)], -1)
-    probs = weighted_vote(sims, neighbour_labels, len(classes), temperature)
-    return score_predictions(probs, q_labels[torch.from_numpy(keep)], len(classes))
-
-
-def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = 200, temperature: float = 0.07) -> KNNResult:
-    """Weighted-kNN accuracy of labelled queries against a labelled gallery (same class names)."""
+def _query_labels(queries: LabelledFeatures, classes: list[str], k: int, temperature: float) -> torch.Tensor:
+    """The queries' labels as ids into the gallery's ``classes`` (-1: unlabelled), after checking
+    the kNN settings and that the queries have no class the gallery lacks."""
     if k < 1:
         raise RetrievalError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise RetrievalError(f"temperature must be positive, got {temperature}")
-    classes = gallery.classes
     remap = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(queries.classes) - set(classes))
     if unknown:
         raise RetrievalError(f"query classes not in the gallery: {', '.join(unknown[:5])}")
     q_labels = torch.tensor([remap[queries.classes[i]] if i >= 0 else -1 for i in queries.labels.tolist()])
-    keep = q_labels >= 0
-    if not keep.any():
+    if not (q_labels >= 0).any():
         raise RetrievalError(f"{queries.source} has no labelled items")
+    return q_labels
+
+
+def knn_eval_index(queries: LabelledFeatures, store: IndexStore, gallery: LabelledFeatures, k: int = 200,
+                   temperature: float = 0.07) -> KNNResult:
+    """Weighted kNN of labelled queries through a gallery index's own FAISS search; ``gallery`` is
+    :func:`features_from_store` of that index."""
+    q_labels = _query_labels(queries, gallery.classes, k, temperature)
+    keep = q_labels >= 0
+    q = queries.vectors[keep]
+    _, ids = store.search(q.numpy(), k + TIE_MARGIN)
+    # The same float64 re-ranking of the candidates as knn-eval's torch path: the same neighbours.
+    sims, idx = canonical_topk(q, gallery.vectors, torch.from_numpy(ids), k)
+    neighbour_labels = torch.where(idx >= 0, gallery.labels[idx.clamp(min=0)], -1)
+    probs = weighted_vote(sims, neighbour_labels, len(gallery.classes), temperature)
+    return score_predictions(probs, q_labels[keep], len(gallery.classes))
+
+
+def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = 200, temperature: float = 0.07) -> KNNResult:
+    """Weighted-kNN accuracy of labelled queries against a labelled gallery (same class names)."""
+    q_labels = _query_labels(queries, gallery.classes, k, temperature)
+    keep = q_labels >= 0
     g_keep = gallery.labels >= 0
-    return knn_evaluate(queries.vectors[keep], q_labels[keep], gallery.vectors[g_keep], gallery.labels[g_keep], len(classes), k, temperature)
+    return knn_evaluate(queries.vectors[keep], q_labels[keep], gallery.vectors[g_keep], gallery.labels[g_keep],
+                        len(gallery.classes), k, temperature)
 
 
 def linear_probe(train: LabelledFeatures, test: LabelledFeatures, weight_decay: float = 1e-4, steps: int = 200) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from index import IndexStore, Items
-from retrieval.evaluate import LabelledFeatures, features_from_index, knn_eval, knn_eval_index
+from retrieval.evaluate import LabelledFeatures, features_from_store, knn_eval, knn_eval_index
 from simclr.knn import canonical_topk
 
 
@@ -45,10 +45,11 @@ def test_index_path_equals_torch_path_through_ties(tmp_path: Path) -> None:
     queries = np.vstack([gallery[:60], _unit(gallery[60:120] + 0.01 * rng.normal(size=(60, 12)))])
     q_labels = torch.from_numpy(rng.integers(0, 3, len(queries)))
     q = LabelledFeatures(torch.from_numpy(queries), q_labels, ["a", "b", "c"], "queries")
-    g = features_from_index(tmp_path / "gallery")
+    loaded = IndexStore.load(tmp_path / "gallery")
+    g = features_from_store(loaded)
     assert torch.equal(g.vectors, torch.from_numpy(gallery))  # exact copies, not renormalised
     for k in (4, 9, 20):
         via_torch = knn_eval(q, g, k=k, temperature=0.1)
-        via_index = knn_eval_index(q, tmp_path / "gallery", k=k, temperature=0.1)
+        via_index = knn_eval_index(q, loaded, g, k=k, temperature=0.1)
         assert torch.equal(via_torch.predictions, via_index.predictions), k
         assert via_torch.top1 == via_index.top1 and via_torch.top5 == via_index.top5
