@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from common import write_report
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.appserver import serve
 
 
 def rss_mb(pid: int) -> float:
@@ -102,22 +93,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="app-load-"))
     images = query_images(tmp, 200)
-    port = free_port()
-    root = Path(__file__).resolve().parents[1]
-    log = open(tmp / "server.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", args.index, "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit((tmp / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with serve(args.index, tmp / "server.log", device="auto", timeout=300) as app:
+        url = app.url
         warm = Client(url, verbose=False, download_files=False)
         for i in range(args.warmup):
             warm.predict(handle_file(str(images[i % len(images)])), args.k, api_name="/search")
@@ -153,7 +130,7 @@ def main() -> None:
                     if ok:
                         latencies.append(elapsed)
                     if n == 1000:
-                        rss["at_1000"] = rss_mb(server.pid)
+                        rss["at_1000"] = rss_mb(app.pid)
 
         threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
         wall = time.perf_counter()
@@ -162,10 +139,7 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - wall
-        rss["at_end"] = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
+        rss["at_end"] = rss_mb(app.pid)
     ms = np.array(latencies) * 1000
     report = {
         "date": time.strftime("%Y-%m-%d"), "index": args.index, "clients": args.clients, "queries": args.queries,

@@ -6,16 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
+from tests.appserver import CHROMIUM, CHROMIUM_ARGS, serve
 
 
 def main() -> None:
@@ -34,21 +28,10 @@ def main() -> None:
     web = WebApp(Service.open(args.index, device="cpu"))
     im = web.item_image(args.query_item)
     im.resize((im.width * 4, im.height * 4), 0).save(query)  # nearest-neighbour: large enough to see in the box
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--index", args.index, "--port", str(port)], cwd=root)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with serve(args.index, query.parent / "server.log", device="auto", timeout=240) as app:
+        url = app.url
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
             page.goto(url, wait_until="domcontentloaded")
@@ -63,9 +46,6 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(10)
     print(f"saved {args.out}")
 
 

@@ -1,4 +1,5 @@
-"""Start ``app.py`` as a real server process on a free localhost port, for HTTP and browser tests."""
+"""Start ``app.py`` as a real server process on a free localhost port, for the HTTP and browser
+tests, the app benchmark and the README screenshot; and the headless Chromium they drive."""
 
 from __future__ import annotations
 
@@ -11,9 +12,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own download needs the internet
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
+
+
+@dataclass
+class AppServer:
+    url: str  # http://127.0.0.1:PORT/
+    pid: int
 
 
 def free_port() -> int:
@@ -23,13 +34,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(index: Path, log: Path, *args: str, timeout: float = 120) -> Iterator[str]:
-    """Run the app on ``index`` until the block ends; yields its base URL (``http://127.0.0.1:PORT/``)."""
+def serve(index: str | Path, log: Path, *args: str, device: str = "cpu", timeout: float = 120) -> Iterator[AppServer]:
+    """Run the app on ``index`` until the block ends, its output going to ``log``."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--index", str(index), "--port", str(port),
-                                 "--device", "cpu", *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                                 "--device", device, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout
@@ -45,7 +56,7 @@ def serve(index: Path, log: Path, *args: str, timeout: float = 120) -> Iterator[
                 if time.time() > deadline:
                     raise RuntimeError(f"app did not start in {timeout:.0f} s: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
-        yield url
+        yield AppServer(url, proc.pid)
     finally:
         proc.terminate()
         try:

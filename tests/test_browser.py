@@ -4,21 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.appserver import serve
+from tests.appserver import CHROMIUM, CHROMIUM_ARGS, serve
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/setup.sh --test installs it)"),
 ]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_index: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serve(tiny_index, tmp_path_factory.mktemp("server") / "app.log") as url:
-        yield url
+    with serve(tiny_index, tmp_path_factory.mktemp("server") / "app.log") as app:
+        yield app.url
 
 
 def test_upload_search_shows_results_and_label(server: str, image_folder: Path, tmp_path: Path) -> None:

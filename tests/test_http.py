@@ -19,8 +19,8 @@ USER, PASSWORD = "alice", "correct-horse"
 def secured(tiny_index: Path, image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     secret = image_folder.parent / "secret.txt"
     secret.write_text("TOP-SECRET-CONTENT")
-    with serve(tiny_index, tmp_path_factory.mktemp("server") / "app.log", "--auth", f"{USER}:{PASSWORD}") as url:
-        yield url, secret
+    with serve(tiny_index, tmp_path_factory.mktemp("server") / "app.log", "--auth", f"{USER}:{PASSWORD}") as app:
+        yield app.url, secret
 
 
 @contextlib.contextmanager
