@@ -91,6 +91,8 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         raise RetrievalError(f"threshold percentile must lie in (0, 100), got {cfg.percentile}")
     if cfg.batch_size < 1:
         raise RetrievalError(f"batch size must be >= 1, got {cfg.batch_size}")
+    if cfg.memory_budget_gb <= 0:
+        raise RetrievalError(f"memory budget must be positive, got {cfg.memory_budget_gb} GB")
     encoder_path = Path(cfg.encoder or out / ENCODER_FILE).expanduser()
     if not cfg.encoder and not cfg.append:
         raise RetrievalError("--encoder is needed to build a new index")

@@ -104,6 +104,9 @@ class Options:
             raise RetrievalError(f"anomaly k must be >= 1, got {self.anomaly_k}")
         if self.temperature <= 0:
             raise RetrievalError(f"temperature must be positive, got {self.temperature}")
+        for name in ("nprobe", "ef_search"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RetrievalError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def pick_device(name: str = "auto") -> torch.device:

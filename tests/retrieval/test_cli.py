@@ -96,6 +96,16 @@ def test_bad_factory_string_is_refused_before_embedding(tiny_encoder: Path, imag
     assert r.exit_code == 1 and "invalid FAISS factory string" in r.output
 
 
+def test_bad_search_and_build_settings_are_one_line(tiny_encoder: Path, tiny_index: Path, image_folder: Path, tmp_path: Path) -> None:
+    query = image_folder / "bars" / "bars_001.png"
+    for option, message in (("--nprobe", "nprobe must be >= 1, got 0"), ("--ef-search", "ef-search must be >= 1, got 0")):
+        r = run("query", tiny_index, query, option, 0)
+        assert r.exit_code == 1 and r.output.strip() == f"error: {message}"
+    r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", tmp_path / "idx", "--memory-budget-gb", 0)
+    assert r.exit_code == 1 and r.output.strip() == "error: memory budget must be positive, got 0.0 GB"
+    assert not (tmp_path / "idx").exists()
+
+
 def test_knn_eval_of_two_index_folders(tiny_index: Path) -> None:
     r = run("knn-eval", "--gallery-index", tiny_index, "--query-index", tiny_index, "-k", 1, "--json")
     assert r.exit_code == 0, r.output
