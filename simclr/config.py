@@ -121,7 +121,10 @@ class TrainConfig:
         need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         need(self.warmup_epochs >= 0, f"warm-up must be >= 0 epochs, got {self.warmup_epochs}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}; known: auto, fp32, bf16, fp16")
+        need(self.width is None or self.width >= 1, f"width must be >= 1, got {self.width}")
         need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
+        need(self.knn_temperature > 0, f"knn temperature must be positive, got {self.knn_temperature}")
+        need(self.log_every >= 1, f"log-every must be >= 1, got {self.log_every}")
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
         self.augment_config(1)  # checks the augmentation ranges

@@ -87,6 +87,17 @@ def test_unknown_names_list_the_known_ones(image_folder: Path, tmp_path: Path, f
         train(_cfg(image_folder, tmp_path, **{field: value}))
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("width", 0, "width must be >= 1, got 0"),
+    ("knn_temperature", 0.0, "knn temperature must be positive, got 0.0"),
+    ("log_every", 0, "log-every must be >= 1, got 0"),
+    ("lars_eta", -1.0, "LARS trust coefficient must be positive, got -1.0"),
+])
+def test_out_of_range_settings_are_named(field: str, value: object, message: str) -> None:
+    with pytest.raises(SimCLRError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Trainer(_cfg(image_folder, tmp_path, epochs=2)).fit(until_epoch=1)
     good = (tmp_path / CHECKPOINT).read_bytes()
