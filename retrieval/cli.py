@@ -81,6 +81,8 @@ def train(
     jitter_p: Annotated[Optional[float], typer.Option(help="Colour-jitter probability.")] = None,
     grayscale_p: Annotated[Optional[float], typer.Option(help="Random-grayscale probability (colour data).")] = None,
     blur_p: Annotated[Optional[float], typer.Option(help="Gaussian-blur probability.")] = None,
+    whiten: Annotated[Optional[bool], typer.Option("--whiten/--no-whiten", help="PCA-whiten the encoder's features (fit on training images).")] = None,
+    whiten_shrinkage: Annotated[Optional[float], typer.Option(help="Whitening shrinkage, a fraction of the largest eigenvalue.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU), fp32, bf16, fp16.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
@@ -193,6 +195,42 @@ def anomaly_eval(
     for name, value in result.per_class.items():
         typer.echo(f"  {name:<20} {100 * value:6.2f}%")
     typer.echo(f"mean {100 * result.mean:.2f}%")
+
+
+@app.command()
+@handles_errors
+def whiten(
+    encoder: Annotated[Path, typer.Argument(help="Encoder file (encoder.pt).")],
+    data: Annotated[str, typer.Option(help="Training images to fit the whitening on (fashion-mnist:train, a folder ...).")] = "fashion-mnist:train",
+    out: Annotated[Optional[Path], typer.Option(help="New encoder file (default: ENCODER-whitened.pt beside it).")] = None,
+    shrinkage: Annotated[float, typer.Option(help="Added to each eigenvalue, as a fraction of the largest.")] = 1e-4,
+    max_images: Annotated[int, typer.Option(help="Images sampled from --data to fit it.")] = 10_000,
+    remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Write a copy of an encoder whose embeddings are PCA-whitened (what training does by default);
+    for encoders trained with --no-whiten or before whitening existed. Indexes built with the old file
+    must be rebuilt."""
+    from retrieval.errors import RetrievalError
+    from retrieval.service import pick_device
+    from simclr.data import load_images
+    from simclr.encoder import Encoder
+    from simclr.train import match_channels
+
+    enc = Encoder.load(encoder, pick_device(device))
+    target = out or encoder.with_name(f"{encoder.stem}-{'plain' if remove else 'whitened'}.pt")
+    if target.exists():
+        raise RetrievalError(f"{target} exists; choose another --out (nothing was written)")
+    if max_images < 1:
+        raise RetrievalError(f"--max-images must be >= 1, got {max_images}")
+    if remove:
+        enc.set_whitening(None, None)
+    else:
+        images = load_images(data, size=enc.spec.image_size, channels=enc.spec.in_channels)
+        images = match_channels(images.images, enc.spec.in_channels)
+        enc.fit_whitening(images, max_images=max_images, shrinkage=shrinkage)
+    enc.save(target)
+    typer.echo(f"{'unwhitened' if remove else 'whitened'} encoder: {target}")
 
 
 # --------------------------------------------------------------------------- indexing

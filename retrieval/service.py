@@ -160,7 +160,8 @@ class Service:
             "index_type": m.factory,
             "dimension": m.dim,
             "sources": m.sources,
-            "encoder": f"{spec.arch} ({spec.stem} stem, {spec.image_size}px, {spec.in_channels}ch)",
+            "encoder": f"{spec.arch} ({spec.stem} stem, {spec.image_size}px, {spec.in_channels}ch"
+                       f"{', whitened' if self.encoder.whitened else ''})",
             "encoder_sha256": m.encoder_sha256,
             "trained_on": spec.trained_on,
             "created": m.created_at,

@@ -13,10 +13,12 @@ from simclr.augment import AugmentConfig
 from simclr.errors import SimCLRError
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
+from simclr.whitening import DEFAULT_SHRINKAGE
 
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "workers", "progress"}
+    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "workers", "progress",
+     "whiten", "whiten_shrinkage"}
 )
 
 # Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
@@ -67,6 +69,9 @@ class TrainConfig:
     jitter_strength: float = 0.5
     grayscale_p: float = 0.2
     blur_p: float = 0.0
+    # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
+    whiten: bool = True
+    whiten_shrinkage: float = DEFAULT_SHRINKAGE
     # Hardware.
     device: str = "auto"
     precision: str = "auto"
@@ -122,6 +127,7 @@ class TrainConfig:
         need(self.warmup_epochs >= 0, f"warm-up must be >= 0 epochs, got {self.warmup_epochs}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {self.precision!r}; known: auto, fp32, bf16, fp16")
         need(self.width is None or self.width >= 1, f"width must be >= 1, got {self.width}")
+        need(self.whiten_shrinkage > 0, f"whitening shrinkage must be positive, got {self.whiten_shrinkage}")
         need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
         need(self.knn_temperature > 0, f"knn temperature must be positive, got {self.knn_temperature}")
         need(self.log_every >= 1, f"log-every must be >= 1, got {self.log_every}")

@@ -1,8 +1,10 @@
 """The encoder file: what indexing and the app load.
 
 A small file holding the backbone's weights and what is needed to use them (architecture,
-input size and channels, normalisation). Its embedding is the L2-normalised pooled output
-of the backbone, never the projection head (SimCLR, section 4.2).
+input size and channels, normalisation, and the whitening fit at the end of training). Its
+embedding is the pooled output of the backbone, never the projection head (SimCLR, section
+4.2), PCA-whitened when the file holds a whitening (:mod:`simclr.whitening`), then
+L2-normalised.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from simclr.augment import normalize, resize, to_unit_float
 from simclr.checkpoint import atomic_save, file_sha256, safe_load
 from simclr.errors import SimCLRError
 from simclr.models import build_backbone
+from simclr.whitening import DEFAULT_SHRINKAGE, FIT_IMAGES, MIN_IMAGES_PER_DIM, can_whiten, check_whitening, fit_whitening
 
 FORMAT = "simclr-encoder"
 VERSION = 1
@@ -56,8 +59,37 @@ class Encoder(nn.Module):
         self.backbone = backbone or build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32), persistent=False)
+        self.register_buffer("white_mean", None, persistent=False)
+        self.register_buffer("white_matrix", None, persistent=False)
         self.checksum = ""
         self.path: Path | None = None
+
+    @property
+    def whitened(self) -> bool:
+        return self.white_matrix is not None
+
+    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None) -> None:
+        """Use ``(features - mean) @ matrix`` before normalising (``None``: raw features)."""
+        if matrix is None:
+            self.white_mean = self.white_matrix = None
+            return
+        check_whitening(mean, matrix, self.spec.feature_dim, "encoder")
+        self.white_mean, self.white_matrix = mean.float().to(self.device), matrix.float().to(self.device)
+
+    @torch.no_grad()
+    def fit_whitening(self, images: torch.Tensor, max_images: int = FIT_IMAGES, shrinkage: float = DEFAULT_SHRINKAGE,
+                      batch_size: int = 1024) -> None:
+        """Fit the whitening on up to ``max_images`` of uint8 (N, C, H, W) training images
+        (evenly spaced, so the same images every time)."""
+        step = max(1, images.shape[0] // max_images)
+        sample = images[::step][:max_images]
+        if not can_whiten(sample.shape[0], self.dim):
+            raise SimCLRError(
+                f"{sample.shape[0]} images are too few to fit a whitening of {self.dim}-d features "
+                f"(at least {MIN_IMAGES_PER_DIM * self.dim})"
+            )
+        feats = torch.cat([self.features(sample[i : i + batch_size]) for i in range(0, sample.shape[0], batch_size)])
+        self.set_whitening(*fit_whitening(feats, shrinkage))
 
     @property
     def dim(self) -> int:
@@ -78,7 +110,16 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised backbone features (B, D), float32, on the encoder's device."""
+        """The embedding (B, D): backbone features, whitened when the encoder has a whitening,
+        L2-normalised; float32, on the encoder's device."""
+        feats = self.features(x)
+        if self.white_matrix is not None:
+            feats = (feats - self.white_mean) @ self.white_matrix
+        return F.normalize(feats, dim=1)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (B, D) of uint8 images, float32, as they are."""
         was_training = self.backbone.training
         if was_training:  # (switching modes walks every module: only when needed)
             self.backbone.eval()
@@ -91,12 +132,15 @@ class Encoder(nn.Module):
             feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
         if was_training:
             self.backbone.train()
-        return F.normalize(feats.float(), dim=1)
+        return feats.float()
 
     def save(self, path: str | Path) -> str:
         """Write the encoder file atomically; returns its SHA-256."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-        atomic_save({"format": FORMAT, "version": VERSION, "spec": asdict(self.spec), "backbone": state}, path)
+        obj = {"format": FORMAT, "version": VERSION, "spec": asdict(self.spec), "backbone": state}
+        if self.white_matrix is not None:
+            obj["whitening"] = {"mean": self.white_mean.cpu().contiguous(), "matrix": self.white_matrix.cpu().contiguous()}
+        atomic_save(obj, path)
         self.checksum = file_sha256(path)
         self.path = Path(path)
         return self.checksum
@@ -116,6 +160,12 @@ class Encoder(nn.Module):
             enc.backbone.load_state_dict(obj["backbone"])
         except (RuntimeError, KeyError) as exc:
             raise SimCLRError(f"{path}: weights do not match {spec.arch} ({str(exc).splitlines()[0]})") from None
+        white = obj.get("whitening")
+        if white is not None:
+            if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):
+                raise SimCLRError(f"{path}: the whitening entry is malformed")
+            check_whitening(white["mean"], white["matrix"], spec.feature_dim, str(path))
+            enc.set_whitening(white["mean"], white["matrix"])
         enc.checksum = file_sha256(path)
         enc.path = Path(path)
         enc.backbone.to(memory_format=torch.channels_last)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simclr import dist
+from simclr import dist, whitening
 from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.config import RESUMABLE_CHANGES, TrainConfig
@@ -142,6 +142,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the initial weights
         backbone = build_backbone(cfg.arch, channels, cfg.stem, cfg.width)
+        if cfg.whiten and not whitening.can_whiten(len(data), backbone.feature_dim) and dist.is_main():
+            log.warning("%d training images are too few to fit a whitening of %d-d features (%d needed); "
+                        "the encoder will use its features unwhitened", len(data), backbone.feature_dim,
+                        whitening.MIN_IMAGES_PER_DIM * backbone.feature_dim)
         if cfg.init != "random" and self.state is None:
             load_imagenet_weights(backbone, cfg.arch, cfg.init)
         head = build_head(cfg.head, backbone.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_depth)
@@ -287,14 +291,15 @@ class Trainer:
             self.epoch = epoch + 1
             record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": epoch_loss,
                       "epoch_seconds": epoch_time, "views_per_s": self.steps_per_epoch * views_per_step / epoch_time}
+            encoder = self.encoder() if dist.is_main() else None  # with its whitening, fit once an epoch
             if cfg.knn_every and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
-                knn = self.knn_monitor()
+                knn = self.knn_monitor(encoder)
                 if knn is not None:
                     knn_top1 = knn[0]
                     record.update(knn_top1=knn[0], knn_top5=knn[1])
                     if progress is not None:
                         progress.write(f"epoch {self.epoch}: loss {epoch_loss:.4f}, kNN top-1 {100 * knn[0]:.2f}%")
-            self.save(record)
+            self.save(record, encoder)
             if self.metrics is not None:
                 self.metrics.write(**record)
                 self.metrics.plot(cfg.out_dir / CURVES)
@@ -319,14 +324,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def encoder(self) -> Encoder:
+        """The encoder as it stands (sharing the model's backbone), with its whitening fit on
+        the training images unless ``--no-whiten``."""
         spec = EncoderSpec(
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
             image_size=self.cfg.image_size, feature_dim=self.model.backbone.feature_dim,
             mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data, train_config=self.cfg.to_dict(),
         )
-        return Encoder(spec, self.model.backbone).to(self.device)
+        enc = Encoder(spec, self.model.backbone).to(self.device)
+        if self.cfg.whiten and whitening.can_whiten(len(self.images), spec.feature_dim):
+            enc.fit_whitening(self.images, shrinkage=self.cfg.whiten_shrinkage)
+        return enc
 
-    def save(self, record: dict | None = None) -> None:
+    def save(self, record: dict | None = None, encoder: Encoder | None = None) -> None:
         """Checkpoint (everything needed to resume) and encoder file, on the main process only."""
         if dist.is_main():
             rng = {"torch": torch.get_rng_state()}
@@ -339,17 +349,17 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "rng": rng,
                 "stats": {"mean": list(self.mean), "std": list(self.std)}, "record": dict(record or {}),
             }, self.ckpt_path)
-            self.encoder().save(self.cfg.out_dir / ENCODER)
+            (encoder or self.encoder()).save(self.cfg.out_dir / ENCODER)
         dist.barrier()
 
-    def knn_monitor(self) -> tuple[float, float] | None:
+    def knn_monitor(self, encoder: Encoder | None = None) -> tuple[float, float] | None:
         """Weighted kNN top-1/top-5 on the labelled evaluation split (main process only)."""
         result = None
         if dist.is_main():
             sets = self._eval_data()
             if sets is not None:
                 gallery, queries = sets
-                enc = self.encoder()
+                enc = encoder or self.encoder()
                 g_feats = embed_images(enc, gallery.images)
                 q_feats = embed_images(enc, queries.images)
                 r = knn_evaluate(q_feats, queries.labels, g_feats, gallery.labels, len(gallery.classes),

@@ -37,16 +37,23 @@ def free_port() -> int:
 def serve(index: str | Path, log: Path, *args: str, device: str = "cpu", timeout: float = 120) -> Iterator[AppServer]:
     """Run the app on ``index`` until the block ends, its output going to ``log``."""
     port = free_port()
+    with run_server([str(ROOT / "app.py"), "--index", str(index), "--port", str(port), "--device", device, *args],
+                    port, log, timeout) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def run_server(argv: list[str], port: int, log: Path, timeout: float = 120) -> Iterator[AppServer]:
+    """Run ``python ARGV`` (a web server on ``port``) until the block ends, once it answers HTTP."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--index", str(index), "--port", str(port),
-                                 "--device", device, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"app exited: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
@@ -54,7 +61,7 @@ def serve(index: str | Path, log: Path, *args: str, device: str = "cpu", timeout
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise RuntimeError(f"app did not start in {timeout:.0f} s: {log.read_text()[-2000:]}") from None
+                    raise RuntimeError(f"server did not start in {timeout:.0f} s: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
         yield AppServer(url, proc.pid)
     finally:

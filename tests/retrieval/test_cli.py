@@ -138,3 +138,25 @@ def test_unknown_architecture_lists_known(image_folder: Path, tmp_path: Path) ->
     r = run("train", "--data", image_folder, "--out", tmp_path, "--arch", "vit")
     assert r.exit_code == 1
     assert r.output.strip() == "error: unknown architecture 'vit'; known: resnet18, resnet34, resnet50"
+
+
+def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from simclr import whitening
+    from simclr.encoder import Encoder
+
+    before = tiny_encoder.read_bytes()
+    r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt", "--device", "cpu")
+    assert r.exit_code == 1 and "48 images are too few to fit a whitening of 64-d features" in r.output
+    monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.5)
+    r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    white, plain = Encoder.load(tmp_path / "w.pt"), Encoder.load(tiny_encoder)
+    assert white.whitened and not plain.whitened and tiny_encoder.read_bytes() == before
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(white.features(x), plain.features(x)) and not torch.allclose(white.embed(x), plain.embed(x))
+    r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt")
+    assert r.exit_code == 1 and "exists" in r.output and white.checksum == Encoder.load(tmp_path / "w.pt").checksum
+    r = run("whiten", tmp_path / "w.pt", "--remove", "--out", tmp_path / "p.pt")
+    assert r.exit_code == 0 and not Encoder.load(tmp_path / "p.pt").whitened

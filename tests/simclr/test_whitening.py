@@ -1,0 +1,119 @@
+"""PCA whitening of encoder features: against a naive numpy reference, and through the encoder file."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simclr import whitening
+from simclr.checkpoint import safe_load
+from simclr.config import TrainConfig
+from simclr.encoder import Encoder, embed_images
+from simclr.errors import SimCLRError
+from simclr.train import train
+from simclr.whitening import fit_whitening
+from tests.conftest import TINY
+
+
+def _correlated(n: int = 4000, d: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) * np.array([10.0, 5.0, 2.0, 1.0, 0.3, 0.05])[:, None]
+    return rng.normal(size=(n, d)) @ mix + rng.normal(size=d) * 3
+
+
+def test_whitened_covariance_matches_a_naive_reference() -> None:
+    x = _correlated()
+    shrink = 1e-3
+    mean, matrix = fit_whitening(torch.from_numpy(x), shrink)
+    # Naive: the covariance's eigen-decomposition in numpy; in the principal axes the whitened
+    # covariance is l / (l + shrink * l_max).
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / len(x)
+    evals = np.linalg.eigvalsh(cov)
+    expected = np.sort(evals / (evals + shrink * evals.max()))
+    y = (torch.from_numpy(x).float() - mean) @ matrix
+    got_cov = np.cov(y.double().numpy().T, bias=True)
+    assert np.allclose(mean.numpy(), x.mean(0), atol=1e-4)
+    assert np.allclose(np.sort(np.linalg.eigvalsh(got_cov)), expected, atol=2e-3)
+    assert np.allclose(got_cov, np.diag(np.diag(got_cov)), atol=2e-3)  # decorrelated
+    # With almost no shrinkage the whitened features have the identity covariance.
+    mean, matrix = fit_whitening(torch.from_numpy(x), 1e-9)
+    y = (torch.from_numpy(x).float() - mean) @ matrix
+    assert np.allclose(np.cov(y.double().numpy().T, bias=True), np.eye(6), atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("features", "shrink", "message"),
+    [(torch.ones(1, 4), 1e-4, "at least 2"), (torch.randn(10, 4), 0.0, "positive"), (torch.ones(10, 4), 1e-4, "vary")],
+)
+def test_bad_whitening_input_is_named(features: torch.Tensor, shrink: float, message: str) -> None:
+    with pytest.raises(SimCLRError, match=message):
+        fit_whitening(features, shrink)
+
+
+def test_can_whiten_needs_ten_images_a_dimension(tiny_encoder: Path) -> None:
+    assert whitening.can_whiten(5120, 512) and not whitening.can_whiten(5119, 512)
+    with pytest.raises(SimCLRError, match="639 images are too few .* 64-d features"):
+        Encoder.load(tiny_encoder).fit_whitening(torch.zeros(639, 3, 32, 32, dtype=torch.uint8))
+
+
+def _whitened_encoder(tiny_encoder: Path) -> Encoder:
+    enc = Encoder.load(tiny_encoder)
+    enc.set_whitening(None, None)
+    enc.fit_whitening(torch.randint(0, 256, (700, 3, 32, 32), dtype=torch.uint8), max_images=700)
+    return enc
+
+
+def test_embedding_is_the_whitened_normalised_feature(tiny_encoder: Path, tmp_path: Path) -> None:
+    enc = _whitened_encoder(tiny_encoder)
+    x = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
+    feats = enc.features(x)
+    naive = F.normalize((feats - enc.white_mean) @ enc.white_matrix, dim=1)
+    assert torch.allclose(enc.embed(x), naive, atol=1e-6)
+    assert not torch.allclose(enc.embed(x), F.normalize(feats, dim=1), atol=1e-2)
+    # Saved and loaded, the encoder embeds the same; without a whitening, the plain normalised features.
+    enc.save(tmp_path / "white.pt")
+    again = Encoder.load(tmp_path / "white.pt")
+    assert again.whitened and torch.allclose(again.embed(x), enc.embed(x), atol=1e-6)
+    enc.set_whitening(None, None)
+    enc.save(tmp_path / "plain.pt")
+    plain = Encoder.load(tmp_path / "plain.pt")
+    assert not plain.whitened and torch.allclose(plain.embed(x), F.normalize(feats, dim=1), atol=1e-6)
+
+
+def test_malformed_whitening_in_an_encoder_file_is_refused(tiny_encoder: Path, tmp_path: Path) -> None:
+    obj = safe_load(tiny_encoder)
+    dim = Encoder.load(tiny_encoder).dim
+    for bad, message in (({"mean": torch.zeros(dim), "matrix": torch.eye(dim + 1)}, "does not fit"),
+                         ({"mean": torch.zeros(dim)}, "malformed"),
+                         ({"mean": torch.full((dim,), float("nan")), "matrix": torch.eye(dim)}, "not finite")):
+        torch.save({**obj, "whitening": bad}, tmp_path / "bad.pt")
+        with pytest.raises(SimCLRError, match=message):
+            Encoder.load(tmp_path / "bad.pt")
+
+
+def test_training_writes_a_whitened_encoder_and_the_monitor_uses_it(image_folder: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from simclr.data import load_folder
+    from simclr.knn import knn_evaluate
+    from simclr.train import ENCODER
+
+    monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.5)  # 48 images, 64-d features
+    result = train(TrainConfig(data=str(image_folder), out=str(tmp_path / "w"), **{**TINY, "knn_every": 1, "knn_k": 5}))
+    enc = Encoder.load(result.encoder)
+    assert enc.whitened
+    # The monitor's figure is the saved encoder's: same gallery (all but every tenth image), same queries.
+    data = load_folder(image_folder, size=enc.spec.image_size)
+    feats = embed_images(enc, data.images)
+    q = torch.arange(len(data)) % 10 == 0
+    r = knn_evaluate(feats[q], data.labels[q], feats[~q], data.labels[~q], len(data.classes), 5, 0.07)
+    assert r.top1 == pytest.approx(result.knn_top1)
+    plain = train(TrainConfig(data=str(image_folder), out=str(tmp_path / "p"), **{**TINY, "whiten": False}))
+    assert not Encoder.load(tmp_path / "p" / ENCODER).whitened and plain.encoder.exists()
+
+
+def test_too_few_images_leave_the_encoder_unwhitened(tiny_encoder: Path) -> None:
+    # 48 training images cannot fit a whitening of 64-d features (640 needed).
+    assert not Encoder.load(tiny_encoder).whitened
