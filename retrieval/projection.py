@@ -1,6 +1,9 @@
 """A 2-D map of the gallery: PCA of the embeddings, computed once and cached in the index folder.
 
-The map is linear, so a query lands on it by the same projection as the gallery items.
+The map is linear, so a query lands on it by the same projection as the gallery items. For a
+whitened encoder the PCA is taken after undoing the whitening (``unwhiten``): whitened vectors
+have about the same variance in every direction, so their top two components would show little
+but a few outliers.
 """
 
 from __future__ import annotations
@@ -28,19 +31,25 @@ class EmbeddingMap:
         return np.hstack([v, np.ones((len(v), 1))]) @ self.basis
 
     @classmethod
-    def for_store(cls, store: IndexStore, max_points: int = 2000, fit_sample: int = 20000, seed: int = 0) -> "EmbeddingMap":
-        """The cached map of ``store``, or a new one (saved into the folder when it is writable)."""
+    def for_store(cls, store: IndexStore, max_points: int = 2000, fit_sample: int = 20000, seed: int = 0,
+                  unwhiten: np.ndarray | None = None) -> "EmbeddingMap":
+        """The cached map of ``store``, or a new one (saved into the folder when it is writable).
+
+        ``unwhiten`` (d, d), when given, maps the stored vectors back to the encoder's feature
+        directions before the PCA (the inverse of its whitening matrix).
+        """
         if POINTS in store.arrays and BASIS in store.arrays and store.arrays[BASIS].shape[0] == store.manifest.dim + 1:
             return cls(store.arrays[POINTS], store.arrays[BASIS])
         n = store.manifest.count
         rng = np.random.default_rng(seed)
         fit_rows = np.sort(rng.choice(n, min(n, fit_sample), replace=False))
-        x = np.asarray(store.vectors[fit_rows], dtype=np.float64)
+        to_map = np.eye(store.manifest.dim) if unwhiten is None else np.asarray(unwhiten, dtype=np.float64)
+        x = np.asarray(store.vectors[fit_rows], dtype=np.float64) @ to_map
         mean = x.mean(0)
         # The top two principal directions of the (sampled) gallery.
         _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
         comps = vt[:2].T if vt.shape[0] >= 2 else np.pad(vt.T, ((0, 0), (0, 2 - vt.shape[0])))
-        basis = np.vstack([comps, -mean @ comps])
+        basis = np.vstack([to_map @ comps, -mean @ comps])
         shown = np.sort(rng.choice(n, min(n, max_points), replace=False))
         xy = np.hstack([np.asarray(store.vectors[shown], dtype=np.float64), np.ones((len(shown), 1))]) @ basis
         points = np.column_stack([shown, xy])

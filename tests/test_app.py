@@ -74,3 +74,25 @@ def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> No
     assert parse_auth("ann:secret") == ("ann", "secret")
     with pytest.raises(RetrievalError, match="user:password"):
         parse_auth("nocolon")
+
+
+def test_map_of_a_whitened_index_is_the_pca_of_unwhitened_vectors(tiny_index: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from index import IndexStore
+    from retrieval.projection import BASIS, POINTS, EmbeddingMap
+
+    shutil.copytree(tiny_index, tmp_path / "idx")
+    store = IndexStore.load(tmp_path / "idx")
+    store.arrays.pop(POINTS, None), store.arrays.pop(BASIS, None)
+    d = store.manifest.dim
+    unwhiten = np.random.default_rng(0).normal(size=(d, d)) * np.linspace(3, 0.1, d)
+    m = EmbeddingMap.for_store(store, max_points=48, unwhiten=unwhiten)
+    # Naive: undo the whitening, centre, take the top two right singular vectors.
+    x = np.asarray(store.vectors, dtype=np.float64) @ unwhiten
+    x -= x.mean(0)
+    naive = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T
+    got = m.project(np.asarray(store.vectors[m.points[:, 0].astype(int)]))
+    assert np.allclose(got, m.points[:, 1:3])
+    for axis in range(2):  # the same axes, up to sign
+        assert abs(np.corrcoef(got[:, axis], naive[m.points[:, 0].astype(int), axis])[0, 1]) > 0.999
