@@ -18,8 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from common import write_report
+from common import latency_percentiles, run_threads, write_report
 from PIL import Image
 
 from tests.appserver import serve
@@ -132,21 +131,12 @@ def main() -> None:
                     if n == 1000:
                         rss["at_1000"] = rss_mb(app.pid)
 
-        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
-        wall = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - wall
+        wall = run_threads(client_loop, args.clients)
         rss["at_end"] = rss_mb(app.pid)
-    ms = np.array(latencies) * 1000
     report = {
         "date": time.strftime("%Y-%m-%d"), "index": args.index, "clients": args.clients, "queries": args.queries,
         "k": args.k, "client": "httpx (raw protocol)" if args.raw else "gradio_client", "download_results": args.download, "ok": len(latencies), "errors": len(errors), "first_errors": errors[:5],
-        "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
-        "p90_ms": round(float(np.percentile(ms, 90)), 1) if len(ms) else None,
-        "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+        **latency_percentiles(latencies),
         "throughput_qps": round(len(latencies) / wall, 1),
         "server_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "rss_growth_after_1000": round(rss["at_end"] / rss["at_1000"] - 1, 4) if "at_1000" in rss else None,

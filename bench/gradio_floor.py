@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import write_report
+from common import latency_percentiles, run_threads, write_report
 from PIL import Image
 
 from tests.appserver import free_port, run_server
@@ -51,7 +51,7 @@ def measure(url: str, images: list[str], clients: int, queries: int, warmup: int
     lock = threading.Lock()
     done = [0]
 
-    def loop() -> None:
+    def loop(_: int) -> None:
         client = Client(url, verbose=False, download_files=False)
         while True:
             with lock:
@@ -69,18 +69,11 @@ def measure(url: str, images: list[str], clients: int, queries: int, warmup: int
             with lock:
                 latencies.append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=loop) for _ in range(clients)]
-    wall = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - wall
-    ms = np.array(latencies) * 1000
+    wall = run_threads(loop, clients)
     return {
         "clients": clients, "queries": queries, "ok": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-        **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 90, 99)},
-        "min_ms": round(float(ms.min()), 1), "throughput_qps": round(len(latencies) / wall, 1),
+        **latency_percentiles(latencies),
+        "min_ms": round(1000 * min(latencies), 1) if latencies else None, "throughput_qps": round(len(latencies) / wall, 1),
     }
 
 

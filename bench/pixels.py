@@ -19,7 +19,7 @@ from common import write_report
 
 from simclr.data import load_images
 from simclr.knn import knn_evaluate
-from simclr.whitening import DEFAULT_SHRINKAGE, FIT_IMAGES, fit_whitening
+from simclr.whitening import DEFAULT_SHRINKAGE, evenly_spaced, fit_sample_size, fit_whitening
 
 
 def l2_majority_top1(q: torch.Tensor, q_labels: torch.Tensor, g: torch.Tensor, g_labels: torch.Tensor, k: int) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
         return {f"knn{k}_top1": round(100 * knn_evaluate(qf, test.labels, gf, train.labels, classes, k, 0.07).top1, 2)
                 for k in (200, 20)}
 
-    mean, matrix = fit_whitening(g[:: len(g) // FIT_IMAGES][:FIT_IMAGES], args.shrinkage)
+    mean, matrix = fit_whitening(evenly_spaced(g, fit_sample_size(g.shape[1])), args.shrinkage)
     gw, qw = (g - mean) @ matrix, (q - mean) @ matrix
     report = {
         "date": time.strftime("%Y-%m-%d"), "data": "fashion-mnist, 60k train gallery, 10k test queries",

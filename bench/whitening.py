@@ -22,14 +22,10 @@ from common import write_report
 
 from retrieval.evaluate import LabelledFeatures, one_class_eval
 from simclr.data import load_images
-from simclr.encoder import Encoder
+from simclr.encoder import Encoder, embed_images
 from simclr.knn import knn_evaluate
 from simclr.models import build_backbone
 from simclr.train import match_channels
-
-
-def features(enc: Encoder, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([enc.features(images[i : i + 1024]) for i in range(0, len(images), 1024)])
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
             enc.backbone = build_backbone(enc.spec.arch, enc.spec.in_channels, enc.spec.stem, enc.spec.width)
         ch = enc.spec.in_channels
         g_img, q_img = match_channels(train.images, ch), match_channels(test.images, ch)
-        g, q = features(enc, g_img), features(enc, q_img)
+        g, q = embed_images(enc, g_img, features=True), embed_images(enc, q_img, features=True)
         enc.fit_whitening(g_img)
         row = {"encoder": path, "untrained": random}
         for kind in ("plain", "whitened"):

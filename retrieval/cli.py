@@ -204,7 +204,7 @@ def whiten(
     data: Annotated[str, typer.Option(help="Training images to fit the whitening on (fashion-mnist:train, a folder ...).")] = "fashion-mnist:train",
     out: Annotated[Optional[Path], typer.Option(help="New encoder file (default: ENCODER-whitened.pt beside it).")] = None,
     shrinkage: Annotated[float, typer.Option(help="Added to each eigenvalue, as a fraction of the largest.")] = 1e-4,
-    max_images: Annotated[int, typer.Option(help="Images sampled from --data to fit it.")] = 10_000,
+    max_images: Annotated[Optional[int], typer.Option(help="Images sampled from --data to fit it (default 10,000, or 10 per feature dimension if more).")] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
 ) -> None:
@@ -221,7 +221,7 @@ def whiten(
     target = out or encoder.with_name(f"{encoder.stem}-{'plain' if remove else 'whitened'}.pt")
     if target.exists():
         raise RetrievalError(f"{target} exists; choose another --out (nothing was written)")
-    if max_images < 1:
+    if max_images is not None and max_images < 1:
         raise RetrievalError(f"--max-images must be >= 1, got {max_images}")
     if remove:
         enc.set_whitening(None, None)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 from PIL import Image
 
 from index.errors import IndexStoreError
@@ -153,9 +152,9 @@ class WebApp:
 
     def embedding_map(self) -> EmbeddingMap:
         if self._map is None:
-            enc = self.service.encoder
-            unwhiten = torch.linalg.inv(enc.white_matrix.double().cpu()).numpy() if enc.whitened else None
-            self._map = EmbeddingMap.for_store(self.service.store, self._map_points, unwhiten=unwhiten)
+            unwhiten = self.service.encoder.unwhitening()
+            self._map = EmbeddingMap.for_store(self.service.store, self._map_points,
+                                               unwhiten=None if unwhiten is None else unwhiten.numpy())
         return self._map
 
     def facts_markdown(self) -> str:

@@ -21,7 +21,15 @@ from simclr.augment import normalize, resize, to_unit_float
 from simclr.checkpoint import atomic_save, file_sha256, safe_load
 from simclr.errors import SimCLRError
 from simclr.models import build_backbone
-from simclr.whitening import DEFAULT_SHRINKAGE, FIT_IMAGES, MIN_IMAGES_PER_DIM, can_whiten, check_whitening, fit_whitening
+from simclr.whitening import (
+    DEFAULT_SHRINKAGE,
+    MIN_IMAGES_PER_DIM,
+    can_whiten,
+    check_whitening,
+    evenly_spaced,
+    fit_sample_size,
+    fit_whitening,
+)
 
 FORMAT = "simclr-encoder"
 VERSION = 1
@@ -68,28 +76,31 @@ class Encoder(nn.Module):
     def whitened(self) -> bool:
         return self.white_matrix is not None
 
-    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None) -> None:
+    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None, where: str = "encoder") -> None:
         """Use ``(features - mean) @ matrix`` before normalising (``None``: raw features)."""
         if matrix is None:
             self.white_mean = self.white_matrix = None
             return
-        check_whitening(mean, matrix, self.spec.feature_dim, "encoder")
+        check_whitening(mean, matrix, self.spec.feature_dim, where)
         self.white_mean, self.white_matrix = mean.float().to(self.device), matrix.float().to(self.device)
 
     @torch.no_grad()
-    def fit_whitening(self, images: torch.Tensor, max_images: int = FIT_IMAGES, shrinkage: float = DEFAULT_SHRINKAGE,
+    def fit_whitening(self, images: torch.Tensor, max_images: int | None = None, shrinkage: float = DEFAULT_SHRINKAGE,
                       batch_size: int = 1024) -> None:
         """Fit the whitening on up to ``max_images`` of uint8 (N, C, H, W) training images
-        (evenly spaced, so the same images every time)."""
-        step = max(1, images.shape[0] // max_images)
-        sample = images[::step][:max_images]
+        (evenly spaced, so the same images every time; default :func:`fit_sample_size`)."""
+        sample = evenly_spaced(images, max_images or fit_sample_size(self.dim))
         if not can_whiten(sample.shape[0], self.dim):
             raise SimCLRError(
                 f"{sample.shape[0]} images are too few to fit a whitening of {self.dim}-d features "
                 f"(at least {MIN_IMAGES_PER_DIM * self.dim})"
             )
-        feats = torch.cat([self.features(sample[i : i + batch_size]) for i in range(0, sample.shape[0], batch_size)])
-        self.set_whitening(*fit_whitening(feats, shrinkage))
+        self.set_whitening(*fit_whitening(embed_images(self, sample, batch_size, features=True), shrinkage))
+
+    def unwhitening(self) -> torch.Tensor | None:
+        """The inverse of the whitening matrix (D, D), float64 on the CPU: whitened directions
+        back to feature directions; ``None`` without a whitening."""
+        return None if self.white_matrix is None else torch.linalg.inv(self.white_matrix.double().cpu())
 
     @property
     def dim(self) -> int:
@@ -164,8 +175,7 @@ class Encoder(nn.Module):
         if white is not None:
             if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):
                 raise SimCLRError(f"{path}: the whitening entry is malformed")
-            check_whitening(white["mean"], white["matrix"], spec.feature_dim, str(path))
-            enc.set_whitening(white["mean"], white["matrix"])
+            enc.set_whitening(white["mean"], white["matrix"], where=str(path))
         enc.checksum = file_sha256(path)
         enc.path = Path(path)
         enc.backbone.to(memory_format=torch.channels_last)
@@ -184,7 +194,9 @@ def channel_stats(images: torch.Tensor, max_samples: int = 10000) -> tuple[list[
 
 
 @torch.no_grad()
-def embed_images(encoder: Encoder, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Embed uint8 (N, C, H, W) images held in memory: (N, D) unit vectors on the encoder's device."""
-    out = [encoder.embed(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+def embed_images(encoder: Encoder, images: torch.Tensor, batch_size: int = 1024, features: bool = False) -> torch.Tensor:
+    """Embed uint8 (N, C, H, W) images held in memory: (N, D) unit vectors on the encoder's device
+    (with ``features``, the backbone's raw features instead: :meth:`Encoder.features`)."""
+    fn = encoder.features if features else encoder.embed
+    out = [fn(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out) if out else torch.empty(0, encoder.dim, device=encoder.device)

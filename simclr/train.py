@@ -142,7 +142,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the initial weights
         backbone = build_backbone(cfg.arch, channels, cfg.stem, cfg.width)
-        if cfg.whiten and not whitening.can_whiten(len(data), backbone.feature_dim) and dist.is_main():
+        # Whitening is fit at each save when the data set can estimate it (decided once).
+        self.whiten = cfg.whiten and whitening.can_whiten(len(data), backbone.feature_dim)
+        if cfg.whiten and not self.whiten and dist.is_main():
             log.warning("%d training images are too few to fit a whitening of %d-d features (%d needed); "
                         "the encoder will use its features unwhitened", len(data), backbone.feature_dim,
                         whitening.MIN_IMAGES_PER_DIM * backbone.feature_dim)
@@ -332,7 +334,7 @@ class Trainer:
             mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data, train_config=self.cfg.to_dict(),
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
-        if self.cfg.whiten and whitening.can_whiten(len(self.images), spec.feature_dim):
+        if self.whiten:
             enc.fit_whitening(self.images, shrinkage=self.cfg.whiten_shrinkage)
         return enc
 
@@ -349,7 +351,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "rng": rng,
                 "stats": {"mean": list(self.mean), "std": list(self.std)}, "record": dict(record or {}),
             }, self.ckpt_path)
-            (encoder or self.encoder()).save(self.cfg.out_dir / ENCODER)
+            (self.encoder() if encoder is None else encoder).save(self.cfg.out_dir / ENCODER)
         dist.barrier()
 
     def knn_monitor(self, encoder: Encoder | None = None) -> tuple[float, float] | None:
@@ -359,7 +361,7 @@ class Trainer:
             sets = self._eval_data()
             if sets is not None:
                 gallery, queries = sets
-                enc = encoder or self.encoder()
+                enc = self.encoder() if encoder is None else encoder
                 g_feats = embed_images(enc, gallery.images)
                 q_feats = embed_images(enc, queries.images)
                 r = knn_evaluate(q_feats, queries.labels, g_feats, gallery.labels, len(gallery.classes),

@@ -25,6 +25,17 @@ def can_whiten(images: int, dim: int) -> bool:
     return images >= MIN_IMAGES_PER_DIM * dim
 
 
+def fit_sample_size(dim: int) -> int:
+    """How many training images to fit a ``dim``-d whitening on: :data:`FIT_IMAGES`, or more
+    when the dimension needs more (:func:`can_whiten`)."""
+    return max(FIT_IMAGES, MIN_IMAGES_PER_DIM * dim)
+
+
+def evenly_spaced(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Up to ``count`` rows of ``rows``, evenly spaced (the same rows every time)."""
+    return rows[:: max(1, rows.shape[0] // count)][:count]
+
+
 def fit_whitening(features: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D,) and matrix (D, D) such that ``(f - mean) @ matrix`` has covariance
     ``diag(l / (l + shrinkage * l_max))`` in the principal axes (``l``: the eigenvalues).

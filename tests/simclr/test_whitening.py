@@ -59,6 +59,14 @@ def test_can_whiten_needs_ten_images_a_dimension(tiny_encoder: Path) -> None:
         Encoder.load(tiny_encoder).fit_whitening(torch.zeros(639, 3, 32, 32, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("dim", [64, 512, 2048])
+def test_the_default_sample_is_always_large_enough(dim: int) -> None:
+    # ResNet-50's 2,048-d features need 20,480 images, more than the usual 10,000.
+    n = whitening.fit_sample_size(dim)
+    assert whitening.can_whiten(n, dim) and n >= whitening.FIT_IMAGES
+    assert whitening.evenly_spaced(torch.arange(3 * n), n).tolist() == list(range(0, 3 * n, 3))
+
+
 def _whitened_encoder(tiny_encoder: Path) -> Encoder:
     enc = Encoder.load(tiny_encoder)
     enc.set_whitening(None, None)
