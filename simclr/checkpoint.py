@@ -54,17 +54,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle.
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
 def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     """Load a file written by :func:`atomic_save`, refusing anything but tensors and containers."""
     path = Path(path)
     if not path.is_file():
         raise SimCLRError(f"{what} {path} not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise SimCLRError(f"{what} {path} is not a PyTorch file (it is {'empty' if not magic else f'something else: it starts with {magic!r}'})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or carrying code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc):
             first = "it holds Python objects other than tensors (refused for safety)"
+        elif "Weights only load failed" in str(exc):
+            first = "it is corrupt or not a PyTorch file"
+        elif "PytorchStreamReader failed" in first:  # a zip archive cut short or damaged
+            first = f"it is truncated or corrupt ({first.split('. ')[0].rsplit(': ', 1)[-1]})"
         raise SimCLRError(f"{what} {path} cannot be loaded: {first}") from None
     if not isinstance(obj, dict):
         raise SimCLRError(f"{what} {path} is not a {what} file")
