@@ -6,7 +6,8 @@
 Each variant is a comma-separated list of TrainConfig overrides applied to the base recipe
 (ResNet-18, standard stem, 32 px, batch 256 on Fashion-MNIST). Results are appended as JSON
 lines to OUT/results.jsonl: wall-clock training time and weighted-kNN top-1 at k=200 and
-k=20 (T=0.07) on the test split against the train split.
+k=20 (T=0.07) on the test split against the train split, of the backbone's plain features
+and, when training fitted one, of the whitened embedding the encoder file holds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from simclr.config import TrainConfig
 from simclr.data import load_images
@@ -65,13 +67,19 @@ def main() -> None:
         ch = enc.spec.in_channels
         from simclr.train import match_channels
 
-        g = embed_images(enc, match_channels(train_set.images, ch))
-        q = embed_images(enc, match_channels(test_set.images, ch))
+        g = embed_images(enc, match_channels(train_set.images, ch), features=True)
+        q = embed_images(enc, match_channels(test_set.images, ch), features=True)
         row = {"variant": text, "epochs": args.epochs, "train_seconds": round(seconds, 1),
                "views_per_s": round(result.views_per_second), "loss": round(result.final_loss, 4)}
-        for k in (200, 20):
-            r = knn_evaluate(q, test_set.labels, g, train_set.labels, 10, k, 0.07)
-            row[f"knn{k}_top1"] = round(100 * r.top1, 2)
+        # Plain: the backbone's features as training left them (what the recipe learned);
+        # whitened: what the saved encoder embeds with, when training fitted a whitening.
+        kinds = {"": (F.normalize(q, dim=1), F.normalize(g, dim=1))}
+        if enc.white_matrix is not None:
+            kinds["_whitened"] = tuple(F.normalize((x - enc.white_mean) @ enc.white_matrix, dim=1) for x in (q, g))
+        for suffix, (qe, ge) in kinds.items():
+            for k in (200, 20):
+                r = knn_evaluate(qe, test_set.labels, ge, train_set.labels, 10, k, 0.07)
+                row[f"knn{k}_top1{suffix}"] = round(100 * r.top1, 2)
         print(json.dumps(row), flush=True)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

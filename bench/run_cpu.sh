@@ -13,8 +13,9 @@ only=${1:-all}
 step() { [[ $only == all || $only == "$1" ]]; }
 
 if step throughput; then
-  python bench/throughput.py --rounds 3 --json $OUT/throughput-cpu.json
-  python bench/throughput.py --rounds 3 --channels 3 --json $OUT/throughput-cpu-rgb.json
+  python bench/throughput.py --rounds 3 --steps 20 --precision bf16,fp32 --json $OUT/throughput-cpu.json
+  python bench/throughput.py --rounds 3 --steps 20 --precision bf16,fp32 --channels 3 --json $OUT/throughput-cpu-rgb.json
+  python bench/throughput.py --rounds 3 --steps 20 --precision bf16,fp32 --width 32 --json $OUT/throughput-cpu-w32.json
 fi
 if step quality; then
   retrieval knn-eval --encoder $ENC --json --linear-probe --confusion $OUT/confusion.png > $OUT/knn-eval.json

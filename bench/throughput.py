@@ -6,6 +6,7 @@
 
     python bench/throughput.py                          # CPU: ResNet-18, standard stem, 32 px, batch 256
     python bench/throughput.py --device cuda --stem small --steps 100
+    python bench/throughput.py --precision bf16,fp32     # both, rounds interleaved, with the speed-up
 
 Prints views/s for each (views = 2 per image) and the ratios b/a and b/c; --json writes them.
 """
@@ -78,68 +79,91 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="repeat (a, b, c) this many times; medians are reported")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16; several, comma-separated, are measured side by side (the last is the base of the speed-ups)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     out = Path("bench/out/throughput")
-    cfg = TrainConfig(out=str(out / f"run-{int(time.time())}"), arch=args.arch, stem=args.stem, width=args.width, in_channels=args.channels, image_size=args.image_size,
-                      batch_size=args.batch_size, epochs=1, device=args.device, compile=args.compile, progress=False, knn_every=0)
-    trainer = Trainer(cfg)
-    device = trainer.device
+    precisions = args.precision.split(",")
+    trainers = {}
+    for p in precisions:
+        cfg = TrainConfig(out=str(out / f"run-{int(time.time())}-{p}"), arch=args.arch, stem=args.stem, width=args.width, in_channels=args.channels,
+                          image_size=args.image_size, batch_size=args.batch_size, epochs=1, device=args.device, compile=args.compile,
+                          precision=p, progress=False, knn_every=0)
+        trainers[p] = Trainer(cfg)
+    first = trainers[precisions[0]]
+    device = first.device
     b = args.batch_size
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    c = trainer.cfg.in_channels
+    c = first.cfg.in_channels
     g = torch.Generator(device=device).manual_seed(0)
-
     # (a) the model alone on views that are already made.
     views = torch.randn(2 * b, c, args.image_size, args.image_size, device=device).contiguous(memory_format=torch.channels_last)
-
-    def model_step() -> None:
-        trainer.step_on_views(views)
-
     # (b) the trainer's step: index a batch of uint8 images, augment twice on the device, step.
-    order = torch.randperm(len(trainer.data), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(first.data), generator=torch.Generator().manual_seed(0))
     cursor = [0]
-
-    def full_step() -> None:
-        i = cursor[0] % (len(order) // b)
-        cursor[0] += 1
-        idx = order[i * b : (i + 1) * b].to(trainer.images.device)
-        trainer.train_step(trainer.images[idx].to(device, non_blocking=True), g)
-
     # (c) per-sample torchvision transforms in DataLoader workers.
-    loader = DataLoader(TwoViews(trainer.data.images, args.image_size, trainer.mean, trainer.std, rgb=args.channels == 3), batch_size=b, shuffle=True,
-                        num_workers=args.workers, drop_last=True, persistent_workers=True, prefetch_factor=4,
+    loader = DataLoader(TwoViews(first.data.images, args.image_size, first.mean, first.std, rgb=args.channels == 3), batch_size=b, shuffle=True,
+                        num_workers=args.workers, drop_last=True, prefetch_factor=4,
                         pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = [None]  # (a box: loader_step restarts the epoch when it ends)
 
-    def loader_step() -> None:
-        nonlocal batches
-        try:
-            v1, v2 = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            v1, v2 = next(batches)
-        trainer.step_on_views(torch.cat([v1, v2]).to(device, non_blocking=True))
+    def steps(trainer: Trainer) -> dict:
+        def model_step() -> None:
+            trainer.step_on_views(views)
 
-    rates: dict[str, list[float]] = {"a_model_only": [], "b_full_step": [], "c_dataloader": []}
+        def full_step() -> None:
+            i = cursor[0] % (len(order) // b)
+            cursor[0] += 1
+            idx = order[i * b : (i + 1) * b].to(trainer.images.device)
+            trainer.train_step(trainer.images[idx].to(device, non_blocking=True), g)
+
+        def loader_step() -> None:
+            try:
+                v1, v2 = next(batches[0])
+            except StopIteration:
+                batches[0] = iter(loader)
+                v1, v2 = next(batches[0])
+            trainer.step_on_views(torch.cat([v1, v2]).to(device, non_blocking=True))
+
+        return {"a_model_only": model_step, "b_full_step": full_step, "c_dataloader": loader_step}
+
+    # Rounds interleave the precisions, so that a slow spell of a shared machine hits them alike.
+    rates = {p: {"a_model_only": [], "b_full_step": [], "c_dataloader": []} for p in precisions}
     for _ in range(args.rounds):
-        for name, fn in (("a_model_only", model_step), ("b_full_step", full_step), ("c_dataloader", loader_step)):
-            seconds = timed(fn, args.steps, args.warmup, sync)
-            rates[name].append(2 * b * args.steps / seconds)
-    med = {k: statistics.median(v) for k, v in rates.items()}
+        for p, trainer in trainers.items():
+            for name, fn in steps(trainer).items():
+                if name == "c_dataloader":  # workers start here and stop after: idle workers
+                    batches[0] = iter(loader)  # would still be prefetching into (a) and (b)
+                seconds = timed(fn, args.steps, args.warmup, sync)
+                batches[0] = None
+                rates[p][name].append(2 * b * args.steps / seconds)
+
+    def summary(p: str) -> dict:
+        med = {k: statistics.median(v) for k, v in rates[p].items()}
+        return {
+            "precision": str(trainers[p].amp_dtype or "fp32").replace("torch.", ""),
+            "views_per_s": {k: round(v, 1) for k, v in med.items()},
+            "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates[p].items()},
+            "b_over_a": round(med["b_full_step"] / med["a_model_only"], 3),
+            "b_over_c": round(med["b_full_step"] / med["c_dataloader"], 3),
+        }
+
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "config": {"arch": args.arch, "width": args.width, "channels": args.channels, "stem": args.stem, "image_size": args.image_size, "batch_size": b,
-                   "device": str(device), "precision": str(trainer.amp_dtype), "compile": args.compile, "workers": args.workers},
-        "views_per_s": {k: round(v, 1) for k, v in med.items()},
-        "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-        "b_over_a": round(med["b_full_step"] / med["a_model_only"], 3),
-        "b_over_c": round(med["b_full_step"] / med["c_dataloader"], 3),
+                   "device": str(device), "compile": args.compile, "workers": args.workers},
     }
+    if len(precisions) == 1:
+        report.update(summary(precisions[0]))
+    else:
+        report["by_precision"] = {p: summary(p) for p in precisions}
+        base = report["by_precision"][precisions[-1]]["views_per_s"]
+        report[f"speed-up over {precisions[-1]}"] = {
+            p: {k: round(v / base[k], 3) for k, v in report["by_precision"][p]["views_per_s"].items()} for p in precisions[:-1]
+        }
     write_report(report, args.json)
-
 
 if __name__ == "__main__":
     main()

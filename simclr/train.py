@@ -192,7 +192,7 @@ class Trainer:
 
     def _amp_dtype(self) -> torch.dtype | None:
         p = self.cfg.precision
-        if p == "auto":
+        if p == "auto":  # bf16 on the CPU measured no faster than fp32 (BENCHMARKS.md)
             return torch.bfloat16 if self.device.type == "cuda" else None
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
@@ -244,6 +244,11 @@ class Trainer:
         cfg, device = self.cfg, self.device
         stop = min(cfg.epochs, until_epoch or cfg.epochs)
         main = dist.is_main()
+        if main:
+            log.info("%s (width %s, %s stem) on %s, %s, %d images, %d steps an epoch, %d processes",
+                     cfg.arch, cfg.width or "standard", cfg.stem, device,
+                     f"{self.amp_dtype} autocast".replace("torch.", "") if self.amp_dtype else "fp32",
+                     len(self.data), self.steps_per_epoch, dist.world_size())
         g = torch.Generator(device=device)
         progress = None
         if main and cfg.progress:
