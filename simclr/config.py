@@ -24,7 +24,7 @@ RESUMABLE_CHANGES = frozenset(
 # Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
 # budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"stem": "standard", "width": 32, "epochs": 10, "batch_size": 256, "knn_every": 5},
+    "cpu": {"stem": "standard", "width": 64, "epochs": 3, "batch_size": 256, "knn_every": 5},
     "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10},
 }
 
