@@ -34,5 +34,6 @@ if step search; then
 fi
 if step app; then
   python bench/app_load.py --index $IDX --clients 8 --queries 1000 --json $OUT/app-8.json
+  python bench/app_load.py --index $IDX --clients 1 --queries 300 --raw --json $OUT/app-1-raw.json
   python bench/app_load.py --index $IDX --clients 32 --queries 5000 --json $OUT/app-32.json
 fi
