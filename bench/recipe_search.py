@@ -75,7 +75,7 @@ def main() -> None:
         # whitened: what the saved encoder embeds with, when training fitted a whitening.
         kinds = {"": (F.normalize(q, dim=1), F.normalize(g, dim=1))}
         if enc.white_matrix is not None:
-            kinds["_whitened"] = tuple(F.normalize((x - enc.white_mean) @ enc.white_matrix, dim=1) for x in (q, g))
+            kinds["_whitened"] = (enc.from_features(q), enc.from_features(g))
         for suffix, (qe, ge) in kinds.items():
             for k in (200, 20):
                 r = knn_evaluate(qe, test_set.labels, ge, train_set.labels, 10, k, 0.07)

@@ -165,5 +165,6 @@ def main() -> None:
         }
     write_report(report, args.json)
 
+
 if __name__ == "__main__":
     main()

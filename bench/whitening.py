@@ -52,8 +52,7 @@ def main() -> None:
             if kind == "plain":
                 gv, qv = F.normalize(g, dim=1), F.normalize(q, dim=1)
             else:
-                m, w = enc.white_mean, enc.white_matrix
-                gv, qv = F.normalize((g - m) @ w, dim=1), F.normalize((q - m) @ w, dim=1)
+                gv, qv = enc.from_features(g), enc.from_features(q)
             for k in (200, 20):
                 r = knn_evaluate(qv, test.labels, gv, train.labels, len(names), k, 0.07)
                 row[f"{kind}_knn{k}_top1"] = round(100 * r.top1, 2)

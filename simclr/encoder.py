@@ -123,7 +123,12 @@ class Encoder(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding (B, D): backbone features, whitened when the encoder has a whitening,
         L2-normalised; float32, on the encoder's device."""
-        feats = self.features(x)
+        return self.from_features(self.features(x))
+
+    @torch.no_grad()
+    def from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """The embedding (N, D) of backbone features (N, D) from :meth:`features`: whitened when
+        the encoder has a whitening, L2-normalised."""
         if self.white_matrix is not None:
             feats = (feats - self.white_mean) @ self.white_matrix
         return F.normalize(feats, dim=1)
