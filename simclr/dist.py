@@ -6,6 +6,7 @@ helper answers as the single process of a world of one.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -53,7 +54,11 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. DDP wrappers that are no longer referenced are collected
+    first: one still alive when the group is gone can abort the process at exit
+    ("terminate called without an active exception")."""
     if is_dist():
+        gc.collect()
         dist.destroy_process_group()
 
 
