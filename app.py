@@ -1,28 +1,22 @@
 """The web app: image search, kNN labels and anomaly verdicts on an index folder.
 
-    python app.py --index runs/fashion-mnist/index [--host 127.0.0.1] [--port 7860] [--auth user:pass]
+    python app.py [INDEX] [--host 127.0.0.1] [--port 7860] [--auth user:pass]   (= retrieval serve)
+    gradio app.py                                     (reload mode; the index from $RETRIEVAL_INDEX)
 
-Same app as ``retrieval serve``; without ``--index`` it opens the README demo's index.
+
+Without an index it opens the README demo's, or a page saying how to build one.
 """
 
-import argparse
+import os
+import sys
 
-from retrieval.webapp import launch
+from retrieval.web import build_app
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", default=None, help="index folder (default: runs/fashion-mnist/index)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--auth", default=None, help="user:password required to use the app")
-    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    try:
-        launch(args.index, host=args.host, port=args.port, auth=args.auth, share=args.share, device=args.device)
-    except Exception as exc:  # a user's mistake (no such index, bad --auth): one line, no traceback
-        from retrieval.webapp import USER_ERRORS
+if __name__ == "__main__" and sys.argv[1:]:
+    from retrieval.cli import main
 
-        if not isinstance(exc, USER_ERRORS):
-            raise
-        raise SystemExit(f"error: {exc}") from None
+    main(["serve", *sys.argv[1:]])  # `retrieval serve` is the one parser of the app's options
+else:
+    demo, allowed_paths = build_app(os.environ.get("RETRIEVAL_INDEX"), device=os.environ.get("RETRIEVAL_DEVICE", "auto"))
+    if __name__ == "__main__":
+        demo.queue(default_concurrency_limit=1).launch(allowed_paths=allowed_paths, show_error=False)

@@ -3,7 +3,7 @@
     python bench/app_load.py --index runs/fashion-mnist/index --clients 8 --queries 1000
     python bench/app_load.py --index runs/fashion-mnist/index --clients 32 --queries 5000   # the load test
 
-Starts ``app.py`` on a free local port, writes query images (Fashion-MNIST test items as PNG
+Starts the app (``retrieval serve``) on a free local port, writes query images (Fashion-MNIST test items as PNG
 files), and lets each client thread call the ``/search`` endpoint (upload, search, results)
 in a closed loop until the total is reached. Reports p50/p90/p99 latency, errors, and the
 server's resident memory after the 1,000th query and at the end.
@@ -18,10 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from common import latency_percentiles, run_threads, write_report
+from harness import latency_percentiles, run_threads, write_report
 from PIL import Image
 
-from tests.appserver import serve
+from retrieval.web.launcher import serve
 
 
 def rss_mb(pid: int) -> float:

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from common import write_report
+from harness import write_report
 from retrieval.embed import embed_collection, open_collection
-from retrieval.service import pick_device
+from simclr.device import pick_device
 from simclr.encoder import Encoder
 
 

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import latency_percentiles, run_threads, write_report
+from harness import latency_percentiles, run_threads, write_report
 from PIL import Image
 
-from tests.appserver import free_port, run_server
+from retrieval.web.launcher import free_port, run_server
 
 
 def serve(port: int) -> None:

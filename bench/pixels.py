@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import write_report
+from harness import write_report
 
 from simclr.data import load_images
 from simclr.knn import knn_evaluate

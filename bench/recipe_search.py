@@ -65,7 +65,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         enc = Encoder.load(result.encoder)
         ch = enc.spec.in_channels
-        from simclr.train import match_channels
+        from simclr.images import match_channels
 
         g = embed_images(enc, match_channels(train_set.images, ch), features=True)
         q = embed_images(enc, match_channels(test_set.images, ch), features=True)

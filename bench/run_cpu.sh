@@ -23,7 +23,11 @@ if step quality; then
   retrieval index --encoder $ENC --source fashion-mnist:train --out $OUT/idx-train --no-progress
   retrieval index --encoder $ENC --source fashion-mnist:test --out $OUT/idx-test --no-progress
   retrieval knn-eval --gallery-index $OUT/idx-train --query-index $OUT/idx-test --json > $OUT/knn-eval-index.json
-  for k in 1 2 5 10; do retrieval anomaly-eval --encoder $ENC -k $k --json > $OUT/anomaly-k$k.json; done
+  for p in shared-encoder transductive; do
+    retrieval anomaly-eval --protocol $p --encoder $ENC --json > $OUT/anomaly-$p.json
+    retrieval anomaly-eval --protocol $p --encoder $ENC --score cosine --json > $OUT/anomaly-$p-cosine.json
+  done
+  retrieval anomaly-eval --protocol strict --work $OUT/strict --json > $OUT/anomaly-strict.json
 fi
 if step embed; then
   python bench/embed.py --encoder $ENC --source fashion-mnist:train --json $OUT/embed.json

@@ -17,7 +17,7 @@ import time
 import faiss
 import numpy as np
 
-from common import write_report
+from harness import write_report
 from index import ann
 
 

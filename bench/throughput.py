@@ -24,7 +24,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common import write_report
+from harness import write_report
 from simclr.config import TrainConfig
 from simclr.train import Trainer
 

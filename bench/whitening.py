@@ -22,14 +22,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import write_report
+from harness import write_report
 
 from retrieval.evaluate import LabelledFeatures, one_class_eval
 from simclr.data import load_images
 from simclr.encoder import Encoder, embed_images
 from simclr.knn import knn_evaluate
 from simclr.models import build_backbone
-from simclr.train import match_channels
+from simclr.images import match_channels
 
 
 def main() -> None:

@@ -11,8 +11,12 @@ __all__ = ["IndexStore", "IndexStoreError", "Items", "Manifest"]
 
 
 def __getattr__(name: str):  # noqa: ANN202
-    if name in ("IndexStore", "Manifest"):
+    if name == "IndexStore":
         from index import store
 
-        return getattr(store, name)
+        return store.IndexStore
+    if name == "Manifest":
+        from index import manifest
+
+        return manifest.Manifest
     raise AttributeError(f"module 'index' has no attribute {name!r}")

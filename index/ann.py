@@ -13,6 +13,7 @@ import math
 import faiss
 import numpy as np
 
+from common.errors import first_line, last_line
 from index.errors import IndexStoreError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def new_index(dim: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "invalid"
+        reason = last_line(exc, "invalid")
         raise IndexStoreError(f"invalid FAISS factory string {factory!r} for dimension {dim} ({reason})") from None
 
 
@@ -145,9 +146,30 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     try:
         return faiss.index_cpu_to_all_gpus(index)
     except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version
-        log.info("searching on the CPU: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.info("searching on the CPU: %s", first_line(exc, type(exc).__name__))
         return index
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class L2Table:
+    """Exact Euclidean k-nearest-neighbour search over a table of vectors (n, d), unnormalised
+    (FAISS ``IndexFlatL2``; on the GPU when there is one). Built from a possibly memory-mapped
+    float16 array in chunks."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.index = to_gpu(faiss.IndexFlatL2(int(vectors.shape[1])))
+        add(self.index, vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (q, k') ascending (Euclidean, not squared; unfilled slots +inf) and ids."""
+        queries = _as_f32(queries)
+        k = min(k, self.index.ntotal)
+        if k <= 0 or queries.shape[0] == 0:
+            return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
+        d2, ids = self.index.search(queries, k)
+        dists = np.sqrt(np.maximum(d2, 0))
+        dists[ids < 0] = np.inf
+        return dists, ids

@@ -8,82 +8,33 @@
       index.faiss      the FAISS index (ids are row numbers of the items table)
       items.jsonl      one line per item: id, ref (file path or dataset:split:n), label, hash
       vectors.npy      the embeddings (float16), for appends, re-indexing and calibration
-      <name>.npy       named arrays (for example the anomaly calibration)
+      <name>.npy       named arrays listed in the manifest (the anomaly calibration, the 2-D map)
+      encoder.pt       a copy of the encoder the vectors were made with
 
-A folder is always written whole into a temporary sibling and swapped in by renames
-(:func:`replace_folder`), so an interrupted build leaves the previous index untouched;
-leftovers of an interrupted swap are recovered or removed by the next open or write.
+The folder is written by :meth:`IndexStore.save` alone, always whole into a temporary sibling
+swapped in by renames (:mod:`index.folder`), so an interrupted build leaves the previous index
+untouched. :meth:`IndexStore.load` only reads: it never writes, repairs or caches into the folder.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
+from common.errors import last_line
 from index import ann
 from index.errors import IndexStoreError
+from index.folder import readable, replace_folder
 from index.items import ITEMS, Items
+from index.manifest import MANIFEST, EncoderInfo, Manifest, now
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 INDEX = "index.faiss"
 VECTORS = "vectors.npy"
-
-
-@dataclass
-class Manifest:
-    """What an index folder holds and how it was made."""
-
-    dim: int
-    factory: str
-    count: int
-    encoder_sha256: str
-    encoder: dict[str, Any] = field(default_factory=dict)
-    metric: str = "inner_product"
-    sources: list[str] = field(default_factory=list)
-    classes: list[str] = field(default_factory=list)
-    arrays: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    created_at: str = ""
-    updated_at: str = ""
-    format_version: int = FORMAT_VERSION
-
-    @classmethod
-    def from_json(cls, text: str, where: Path) -> "Manifest":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise IndexStoreError(f"{where} is corrupt (invalid JSON: {exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise IndexStoreError(f"{where} is corrupt (expected a JSON object)")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IndexStoreError(f"{where}: index format version {version!r} is not supported (expected {FORMAT_VERSION})")
-        known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise IndexStoreError(f"{where} is corrupt ({exc})") from None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class IndexStore:
@@ -104,6 +55,7 @@ class IndexStore:
         self.vectors = vectors
         self.arrays = dict(arrays or {})
         self.path = path
+        self.folder = path  # where the files are read from (see load)
         self._search_index: faiss.Index | None = None
 
     # ------------------------------------------------------------------ building
@@ -113,7 +65,7 @@ class IndexStore:
         vectors: np.ndarray,
         items: Items,
         encoder_sha256: str,
-        encoder: dict[str, Any] | None = None,
+        encoder: EncoderInfo | None = None,
         factory: str = "auto",
         sources: list[str] | None = None,
         memory_budget: int = ann.DEFAULT_MEMORY_BUDGET,
@@ -127,7 +79,7 @@ class IndexStore:
         stamp = now()
         manifest = Manifest(
             dim=int(vectors.shape[1]), factory=factory, count=len(items), encoder_sha256=encoder_sha256,
-            encoder=dict(encoder or {}), sources=list(sources or []),
+            encoder=encoder or EncoderInfo(), sources=list(sources or []),
             classes=sorted({lbl for lbl in items.labels if lbl is not None}), created_at=stamp, updated_at=stamp,
         )
         return cls(manifest, index, items, vectors.astype(np.float16))
@@ -168,11 +120,20 @@ class IndexStore:
         return np.asarray(self.vectors, dtype=np.float32)
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | Path, files: dict[str, Path] | None = None) -> None:
-        """Write the whole folder atomically (see :func:`replace_folder`), with copies of ``files``
-        (name in the folder -> source path) swapped in together."""
+    def save(self, path: str | Path, encoder_file: str | Path | None = None) -> None:
+        """Write the whole folder atomically (see :func:`index.folder.replace_folder`), with a copy
+        of ``encoder_file`` under the manifest's encoder file name when given, or the folder's
+        current copy carried over."""
         path = Path(path)
         self.manifest.arrays = sorted(self.arrays)
+        encoder_name = self.manifest.encoder.file
+        if encoder_file is None and self.path is not None and (self.folder / encoder_name).is_file():
+            encoder_file = self.folder / encoder_name
+        # Read before the swap: the folder's own copy is about to be moved aside.
+        try:
+            encoder_bytes = None if encoder_file is None else Path(encoder_file).read_bytes()
+        except OSError as exc:
+            raise IndexStoreError(f"cannot read encoder file {encoder_file}: {exc.strerror or exc}") from None
 
         def fill(tmp: Path) -> None:
             faiss.write_index(self.index, str(tmp / INDEX))
@@ -180,66 +141,65 @@ class IndexStore:
             self.items.write(tmp / ITEMS)
             for name, arr in self.arrays.items():
                 np.save(tmp / f"{name}.npy", arr)
-            for name, source in (files or {}).items():
-                shutil.copyfile(source, tmp / name)
+            if encoder_bytes is not None:
+                (tmp / encoder_name).write_bytes(encoder_bytes)
             (tmp / MANIFEST).write_text(self.manifest.to_json())
 
         replace_folder(path, fill)
-        self.path = path
+        self.path = self.folder = path
         # The saved vectors are the ones to use from now on (and may be memory-mapped).
         self.vectors = np.load(path / VECTORS, mmap_mode="r")
 
-    def save_array(self, name: str, arr: np.ndarray) -> None:
-        """Add one named array to the saved folder in place (a cache; atomic per file)."""
-        if self.path is None:
-            raise IndexStoreError("the index has not been saved yet")
-        self.arrays[name] = arr
-        tmp = self.path / f".{name}.{uuid.uuid4().hex}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, self.path / f"{name}.npy")
-
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> "IndexStore":
-        """Open an index folder; every missing or corrupt file is named in the error."""
+        """Open an index folder for reading; every missing or corrupt file is named in the error.
+
+        Nothing on disk is changed: a folder left half-swapped by an interrupted write is read
+        from the copy it moved aside (:func:`index.folder.readable`).
+        """
         path = Path(path).expanduser()
-        recover(path)
-        if not path.exists():
+        folder = readable(path)
+        if not folder.exists():
             raise IndexStoreError(f"index folder {path} not found")
-        if not path.is_dir():
+        if not folder.is_dir():
             raise IndexStoreError(f"{path} is not an index folder (it is a file)")
-        manifest_path = path / MANIFEST
+        manifest_path = folder / MANIFEST
         try:
             manifest = Manifest.from_json(manifest_path.read_text(encoding="utf-8"), manifest_path)
         except FileNotFoundError:
             raise IndexStoreError(f"{manifest_path} not found ({path} is not an index folder)") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise IndexStoreError(f"{manifest_path} cannot be read ({exc})") from None
-        index_path = path / INDEX
+        index_path = folder / INDEX
         if not index_path.is_file():
             raise IndexStoreError(f"{index_path} not found (the index folder is incomplete)")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:
-            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-            raise IndexStoreError(f"{index_path} is corrupt ({lines[-1] if lines else 'unreadable'})") from None
-        items = Items.read(path / ITEMS)
-        vectors = _load_npy(path / VECTORS, mmap)
-        arrays = {name: _load_npy(path / f"{name}.npy", False) for name in manifest.arrays}
-        for name in os.listdir(path):
-            # Caches written after the folder (save_array) are not listed in the manifest.
-            stem = name[:-4]
-            if name.endswith(".npy") and not name.startswith(".") and stem not in arrays and name != VECTORS:
-                try:
-                    arrays[stem] = _load_npy(path / name, False)
-                except IndexStoreError as exc:
-                    log.warning("ignoring %s", exc)
+            raise IndexStoreError(f"{index_path} is corrupt ({last_line(exc, 'unreadable')})") from None
+        items = Items.read(folder / ITEMS)
+        vectors = _load_npy(folder / VECTORS, mmap)
+        arrays = {name: _load_npy(folder / f"{name}.npy", mmap) for name in manifest.arrays}
         counts = {"manifest.json": manifest.count, ITEMS: len(items), INDEX: index.ntotal, VECTORS: vectors.shape[0]}
         if len(set(counts.values())) != 1:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
             raise IndexStoreError(f"index folder {path} is inconsistent (item counts differ: {detail})")
+        a = manifest.anomaly
+        if a is not None and (a.vectors not in arrays or arrays[a.vectors].shape != vectors.shape):
+            got = arrays[a.vectors].shape if a.vectors in arrays else "none"
+            raise IndexStoreError(f"index folder {path} is inconsistent ({a.vectors}.npy has shape {got}, the index {vectors.shape})")
         if index.d != manifest.dim or vectors.shape[1] != manifest.dim:
             raise IndexStoreError(f"index folder {path} is inconsistent (dimension {manifest.dim} in the manifest, {index.d} in {INDEX})")
-        return cls(manifest, index, items, vectors, arrays, path)
+        store = cls(manifest, index, items, vectors, arrays, path)
+        store.folder = folder
+        return store
+
+    @property
+    def encoder_path(self) -> Path:
+        """The folder's copy of its encoder."""
+        if self.path is None:
+            raise IndexStoreError("the index has not been saved yet")
+        return self.folder / self.manifest.encoder.file
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
@@ -249,82 +209,3 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise IndexStoreError(f"{path} not found (the index folder is incomplete)") from None
     except (OSError, ValueError, EOFError) as exc:
         raise IndexStoreError(f"{path} is corrupt ({exc})") from None
-
-
-# ---------------------------------------------------------------------- atomic folders
-
-def _siblings(path: Path, kind: str) -> Iterator[Path]:
-    prefix = f".{path.name}.{kind}-"
-    if path.parent.is_dir():
-        for p in path.parent.iterdir():
-            if p.name.startswith(prefix):
-                yield p
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover(path: Path) -> None:
-    """Repair what an interrupted :func:`replace_folder` left behind.
-
-    A build killed after moving the old folder aside gets the old folder back; temporary
-    folders of builds whose process is gone are removed.
-    """
-    olds = sorted(_siblings(path, "old"), key=lambda p: p.stat().st_mtime)
-    if not path.exists() and olds:
-        try:
-            os.rename(olds[-1], path)
-            log.warning("restored %s from an interrupted write", path)
-            olds = olds[:-1]
-        except OSError:
-            return
-    for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in _siblings(path, "tmp"):
-        pid = tmp.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(path: Path, fill: Callable[[Path], None]) -> None:
-    """Write a folder atomically: ``fill`` writes into a temporary sibling, which replaces ``path``.
-
-    On any failure (a full disk, a read-only folder, an exception in ``fill``) the temporary
-    folder is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        recover(path)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise IndexStoreError(f"cannot write index to {path}: {exc.strerror or exc}") from None
-    old = None
-    try:
-        fill(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.rename(old, path)
-        if isinstance(exc, (OSError, RuntimeError)):
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
-            kept = " (the previous index is intact)" if path.exists() else ""
-            raise IndexStoreError(f"cannot write index to {path}: {reason}{kept}") from None
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

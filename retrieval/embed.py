@@ -3,7 +3,7 @@
 A collection is a data set held in memory (Fashion-MNIST, CIFAR-10) or a folder of files.
 Files are read, hashed, decoded and resized by DataLoader workers while the device runs
 the model; unreadable files are skipped and reported. Under ``torchrun`` each rank embeds
-every ``world``-th item and :func:`gather_shards` joins the results in item order.
+every ``world``-th item and :func:`merge` joins the shards in item order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from index import Items
 from simclr.data import parse_source, scan_folder, load_images
 from simclr.encoder import Encoder
 from simclr.images import ImageReadError, read_image
-from simclr.train import match_channels
+from simclr.images import match_channels
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def open_collection(spec: str) -> Collection:
     if parsed.kind == "folder":
         listing = scan_folder(parsed.path)
         labels = [listing.classes[i] if i >= 0 else None for i in listing.labels]
-        refs = [str(p.resolve()) for p in listing.paths]
+        # Absolute, but symlinks kept: a link is reported and shown under its own name.
+        refs = [os.path.abspath(p) for p in listing.paths]
         return Collection(str(parsed.path.resolve()), refs, labels, paths=[Path(r) for r in refs])
     data = load_images(parsed)
     labels = [data.classes[i] if i >= 0 else None for i in data.labels.tolist()]
@@ -58,9 +59,10 @@ def open_collection(spec: str) -> Collection:
 class Embedded:
     """Embeddings of the accepted items of a collection, in collection order."""
 
-    vectors: np.ndarray  # (n, d) float32, unit rows
+    vectors: np.ndarray  # (n, d) float32, unit rows: the encoder's embedding
     items: Items
     positions: np.ndarray  # (n,) positions in the collection
+    features: np.ndarray  # (n, d) float32: the backbone's raw features (for the anomaly space)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     duplicates: int = 0  # items skipped because their content is already indexed
 
@@ -79,6 +81,8 @@ class _Files(Dataset):
         try:
             data = path.read_bytes()
         except OSError as exc:
+            if path.is_symlink() and not path.exists():
+                return i, None, "", f"{path}: broken symbolic link (to {os.readlink(path)})"
             return i, None, "", f"{path}: cannot read file ({exc.strerror or exc})"
         digest = hashlib.sha256(data).hexdigest()
         if digest in self.skip:
@@ -136,7 +140,7 @@ def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded: 
             batch = images[keep[start] : keep[start] + min(batch_size, len(keep) - start)]
         else:
             batch = images[torch.tensor(keep[start : start + batch_size])]
-        out.append(encoder.embed(batch).cpu())
+        out.append(encoder.features(batch).cpu())
         if bar is not None:
             bar.update(len(batch))
     return _result(encoder, coll, keep, out, [hashes[p] for p in keep], [], len(positions) - len(keep))
@@ -161,7 +165,7 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
                 duplicates += 1
         if ok:
             batch = torch.stack([r[1] for r in ok])
-            out.append(encoder.embed(batch).cpu())
+            out.append(encoder.features(batch).cpu())
             keep.extend(positions[r[0]] for r in ok)
             hashes.extend(r[2] for r in ok)
         if bar is not None:
@@ -172,9 +176,10 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
 
 
 def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:  # noqa: ANN001
-    vectors = torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    features = torch.cat(out) if out else torch.zeros((0, encoder.dim))
+    vectors = encoder.from_features(features.to(encoder.device)).cpu().numpy()
     items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
-    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), failures, duplicates)
+    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features.numpy(), failures, duplicates)
 
 
 def merge(parts: list[Embedded]) -> Embedded:
@@ -182,10 +187,11 @@ def merge(parts: list[Embedded]) -> Embedded:
     positions = np.concatenate([p.positions for p in parts])
     order = np.argsort(positions, kind="stable")
     vectors = np.concatenate([p.vectors for p in parts])[order]
+    features = np.concatenate([p.features for p in parts])[order]
     items = Items()
     for p in parts:
         items.extend(p.items)
     return Embedded(
-        vectors=vectors, items=items.select(order.tolist()), positions=positions[order],
+        vectors=vectors, items=items.select(order.tolist()), positions=positions[order], features=features,
         failures=[f for p in parts for f in p.failures], duplicates=sum(p.duplicates for p in parts),
     )

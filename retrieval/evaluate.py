@@ -7,7 +7,7 @@ PyTorch is installed; exact cosine search in torch is what FAISS's Flat index co
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,11 +15,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import auroc, knn_distance
 from retrieval.embed import embed_collection, open_collection
 from retrieval.errors import RetrievalError
+from simclr.device import pick_device
 from simclr.encoder import Encoder
-from simclr.knn import TIE_MARGIN, KNNResult, canonical_topk, knn_evaluate, score_predictions, topk_neighbours, weighted_vote
+from simclr.knn import (
+    KNN_K,
+    KNN_TEMPERATURE,
+    TIE_MARGIN,
+    KNNResult,
+    canonical_topk,
+    knn_evaluate,
+    score_predictions,
+    topk_neighbours,
+    weighted_vote,
+)
 
 if TYPE_CHECKING:  # FAISS is imported only where an index is used: training machines may lack it
     from index import IndexStore
@@ -84,8 +96,8 @@ def _query_labels(queries: LabelledFeatures, classes: list[str], k: int, tempera
     return q_labels
 
 
-def knn_eval_index(queries: LabelledFeatures, store: IndexStore, gallery: LabelledFeatures, k: int = 200,
-                   temperature: float = 0.07) -> KNNResult:
+def knn_eval_index(queries: LabelledFeatures, store: IndexStore, gallery: LabelledFeatures, k: int = KNN_K,
+                   temperature: float = KNN_TEMPERATURE) -> KNNResult:
     """Weighted kNN of labelled queries through a gallery index's own FAISS search; ``gallery`` is
     :func:`features_from_store` of that index."""
     q_labels = _query_labels(queries, gallery.classes, k, temperature)
@@ -99,7 +111,8 @@ def knn_eval_index(queries: LabelledFeatures, store: IndexStore, gallery: Labell
     return score_predictions(probs, q_labels[keep], len(gallery.classes))
 
 
-def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = 200, temperature: float = 0.07) -> KNNResult:
+def knn_eval(queries: LabelledFeatures, gallery: LabelledFeatures, k: int = KNN_K,
+             temperature: float = KNN_TEMPERATURE) -> KNNResult:
     """Weighted-kNN accuracy of labelled queries against a labelled gallery (same class names)."""
     q_labels = _query_labels(queries, gallery.classes, k, temperature)
     keep = q_labels >= 0
@@ -143,8 +156,17 @@ class AnomalyEval:
     def mean(self) -> float:
         return float(np.mean(list(self.per_class.values())))
 
+    def to_dict(self) -> dict:
+        return {"k": self.k, "mean_auroc": self.mean, "per_class": self.per_class}
 
-def one_class_eval(train: LabelledFeatures, test: LabelledFeatures, k: int = 5) -> AnomalyEval:
+    def lines(self) -> list[str]:
+        out = [f"one-class kNN-distance AUROC (k={self.k})"]
+        out += [f"  {name:<20} {100 * value:6.2f}%" for name, value in self.per_class.items()]
+        out.append(f"mean {100 * self.mean:.2f}%")
+        return out
+
+
+def one_class_eval(train: LabelledFeatures, test: LabelledFeatures, k: int = ANOMALY_K) -> AnomalyEval:
     """The one-class protocol: for each class c the gallery is the training items of c, the
     queries are all test items, and the anomalies are the test items of other classes.
     Scores are mean cosine distances to the k nearest gallery items; AUROC per class."""
@@ -159,6 +181,64 @@ def one_class_eval(train: LabelledFeatures, test: LabelledFeatures, k: int = 5) 
     if not result.per_class:
         raise RetrievalError("no class has training items")
     return result
+
+
+@dataclass
+class KnnReport:
+    """What ``retrieval knn-eval`` reports."""
+
+    k: int
+    temperature: float
+    top1: float
+    top5: float
+    per_class: dict[str, float]
+    queries: int
+    linear_probe_top1: float | None = None
+    confusion_png: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def lines(self) -> list[str]:
+        out = [f"weighted kNN (k={self.k}, T={self.temperature}) on {self.queries} queries",
+               f"top-1 {100 * self.top1:.2f}%   top-5 {100 * self.top5:.2f}%"]
+        out += [f"  {name:<20} {100 * acc:6.2f}%" for name, acc in self.per_class.items()]
+        if self.linear_probe_top1 is not None:
+            out.append(f"linear probe top-1 {100 * self.linear_probe_top1:.2f}%")
+        if self.confusion_png is not None:
+            out.append(f"confusion matrix: {self.confusion_png}")
+        return out
+
+
+def knn_report(encoder: str | Path | None = None, train: str = "fashion-mnist:train", test: str = "fashion-mnist:test",
+               gallery_index: str | Path | None = None, query_index: str | Path | None = None, k: int = KNN_K,
+               temperature: float = KNN_TEMPERATURE, probe: bool = False, confusion: str | Path | None = None,
+               device: str = "auto", progress: bool = True) -> KnnReport:
+    """Weighted kNN of a labelled test split against a labelled train split: embedded with
+    ``encoder``, or read from two index folders (searched through the gallery's own index)."""
+    if (gallery_index is None) != (query_index is None):
+        raise RetrievalError("--gallery-index and --query-index go together")
+    if gallery_index is not None:
+        from index import IndexStore
+
+        store = IndexStore.load(gallery_index)
+        gallery, queries = features_from_store(store), features_from_index(query_index)
+        result = knn_eval_index(queries, store, gallery, k, temperature)
+    else:
+        if encoder is None:
+            raise RetrievalError("give --encoder (or --gallery-index and --query-index)")
+        enc = Encoder.load(encoder, pick_device(device))
+        gallery = embed_labelled(enc, train, progress=progress)
+        queries = embed_labelled(enc, test, classes=gallery.classes, progress=progress)
+        result = knn_eval(queries, gallery, k, temperature)
+    report = KnnReport(k, temperature, result.top1, result.top5, dict(zip(gallery.classes, result.per_class)),
+                       int(result.predictions.numel()))
+    if probe:
+        report.linear_probe_top1 = linear_probe(gallery, queries)
+    if confusion is not None:
+        save_confusion_png(result.confusion, gallery.classes, confusion, f"kNN top-1 {100 * result.top1:.2f}%")
+        report.confusion_png = str(confusion)
+    return report
 
 
 def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> None:

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,80 +19,43 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from index import IndexStore
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
-from retrieval.anomaly import DEFAULT_PERCENTILE, Calibration, knn_distance
+from retrieval.anomaly import (
+    DEFAULT_PERCENTILE,
+    Calibration,
+    calibrate,
+    knn_distance,
+    mean_distance,
+    stored_calibration,
+    stored_space,
+)
+from retrieval.answers import AnomalyScore, Answer, Hit, Prediction
 from retrieval.errors import RetrievalError
+from retrieval.info import IndexFacts, describe
+from retrieval.queries import Unreadable
+from simclr.device import pick_device
 from simclr.encoder import Encoder
-from simclr.errors import SimCLRError
 from simclr.images import image_to_tensor, read_image
-from simclr.knn import weighted_vote
+from simclr.knn import KNN_K, KNN_TEMPERATURE, weighted_vote
 
 log = logging.getLogger(__name__)
 
-ENCODER_FILE = "encoder.pt"
-KNN_K = 200
-KNN_TEMPERATURE = 0.07
-
-
-@dataclass
-class Hit:
-    rank: int
-    id: int
-    similarity: float
-    ref: str
-    label: str | None
-
-
-@dataclass
-class Prediction:
-    label: str | None
-    probabilities: dict[str, float]
-    neighbours: int
-
-
-@dataclass
-class AnomalyScore:
-    score: float
-    percentile: float
-    threshold: float
-    unusual: bool
-    k: int
-
-    @property
-    def verdict(self) -> str:
-        return "unusual" if self.unusual else "normal"
-
-
-@dataclass
-class Answer:
-    """Everything the service says about one query; ``error`` is set when it could not be read."""
-
-    query: str
-    hits: list[Hit] = field(default_factory=list)
-    prediction: Prediction | None = None
-    anomaly: AnomalyScore | None = None
-    error: str | None = None
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if self.anomaly is not None:
-            d["anomaly"]["verdict"] = self.anomaly.verdict
-        return {k: v for k, v in d.items() if v is not None}
+__all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "QueryVectors", "Service", "check_encoder"]
 
 
 @dataclass
 class Options:
-    """What to answer and with which parameters."""
+    """What to answer and with which parameters (the CLI's and the app's defaults are these)."""
 
     k: int = 10
     classify: bool = False
     knn_k: int = KNN_K
     temperature: float = KNN_TEMPERATURE
     anomaly: bool = False
-    anomaly_k: int | None = None
-    percentile: float | None = None
+    anomaly_k: int | None = None  # None: the index's calibrated k
+    percentile: float | None = None  # None: the index's calibrated percentile
     nprobe: int | None = None
     ef_search: int | None = None
 
@@ -109,15 +72,16 @@ class Options:
                 raise RetrievalError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RetrievalError("device cuda was asked for, but CUDA is not available here")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise RetrievalError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+@dataclass
+class QueryVectors:
+    """Queries embedded for answering: ``vectors`` (n, d) in the search space, ``anomaly`` (n, d)
+    in the index's anomaly space (``None`` for indexes without one), an error for each query
+    that could not be read (its rows are zero), and the item id of each query naming one."""
+
+    vectors: np.ndarray
+    anomaly: np.ndarray | None
+    errors: list[str | None]
+    items: list[int | None]
 
 
 class Service:
@@ -130,10 +94,11 @@ class Service:
         self._calibrations: dict[int, Calibration] = {}
         self._ref_ids: dict[str, int] | None = None
         self._label_cache: np.ndarray | None = None
-        saved = store.arrays.get("calibration")
-        cal = store.manifest.extra.get("calibration")
-        if saved is not None and cal:
-            self._calibrations[int(cal["k"])] = Calibration(int(cal["k"]), saved, float(cal.get("percentile", DEFAULT_PERCENTILE)))
+        self.space = stored_space(store)
+        self._anomaly_table = None  # built on first use
+        saved = stored_calibration(store)
+        if saved is not None:
+            self._calibrations[saved.k] = saved
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -145,29 +110,14 @@ class Service:
                 checksums named), unless ``force``; or its dimension differs (always).
         """
         store = IndexStore.load(index_dir)
-        path = Path(encoder) if encoder is not None else Path(index_dir) / ENCODER_FILE
+        path = Path(encoder) if encoder is not None else store.encoder_path
         enc = Encoder.load(path, pick_device(device))
         check_encoder(store, enc, force)
         return cls(store, enc)
 
     # ------------------------------------------------------------------ facts
-    def facts(self) -> dict[str, Any]:
-        m = self.store.manifest
-        spec = self.encoder.spec
-        return {
-            "items": m.count,
-            "classes": len(m.classes),
-            "index_type": m.factory,
-            "dimension": m.dim,
-            "sources": m.sources,
-            "encoder": f"{spec.arch} ({spec.stem} stem, {spec.image_size}px, {spec.in_channels}ch"
-                       f"{', whitened' if self.encoder.whitened else ''})",
-            "encoder_sha256": m.encoder_sha256,
-            "trained_on": spec.trained_on,
-            "created": m.created_at,
-            "updated": m.updated_at,
-            "path": str(self.store.path),
-        }
+    def facts(self) -> IndexFacts:
+        return describe(self.store, self.encoder)
 
     # ------------------------------------------------------------------ inputs
     def _tensor(self, query: str | Path | bytes | Image.Image) -> torch.Tensor:
@@ -182,6 +132,18 @@ class Service:
         v = np.asarray(self.store.vectors[item_id], dtype=np.float32)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
+    def _anomaly_vectors(self) -> np.ndarray | None:
+        info = self.store.manifest.anomaly
+        return None if info is None else self.store.arrays[info.vectors]
+
+    def anomaly_table(self):  # noqa: ANN201
+        """Exact Euclidean search over the gallery's anomaly-space vectors (built once, on first use)."""
+        if self._anomaly_table is None and self.space is not None:
+            from index.ann import L2Table
+
+            self._anomaly_table = L2Table(self._anomaly_vectors())
+        return self._anomaly_table
+
     def resolve_item(self, query: str) -> int | None:
         """The item id a query names: ``id:N``, a bare N, or a data-set ref such as
         ``fashion-mnist:test:5``. Existing files are always read as images."""
@@ -195,60 +157,68 @@ class Service:
             self._ref_ids = {ref: i for i, ref in enumerate(self.store.items.refs)}
         return self._ref_ids.get(query)
 
-    def embed(self, queries: Sequence[str | Path | bytes | Image.Image]) -> tuple[np.ndarray, list[str | None], list[int | None]]:
-        """Vectors (n, d) for the queries, an error for each unreadable one (its row is zero),
-        and the item id of each query that names an indexed item."""
-        vectors = np.zeros((len(queries), self.encoder.dim), np.float32)
-        errors: list[str | None] = [None] * len(queries)
-        items: list[int | None] = [None] * len(queries)
+    def embed(self, queries: Sequence[str | Path | bytes | Image.Image | Unreadable]) -> QueryVectors:
+        """The queries' vectors in both spaces (one backbone pass), errors and item ids."""
+        n, dim = len(queries), self.encoder.dim
+        vectors = np.zeros((n, dim), np.float32)
+        anomaly = np.zeros((n, dim), np.float32) if self.space is not None else None
+        errors: list[str | None] = [None] * n
+        items: list[int | None] = [None] * n
         tensors: dict[int, torch.Tensor] = {}
         for i, q in enumerate(queries):
+            if isinstance(q, Unreadable):
+                errors[i] = q.reason
+                continue
             item = self.resolve_item(q) if isinstance(q, str) else None
             try:
                 if item is not None:
                     vectors[i] = self.item_vector(item)
+                    if anomaly is not None:
+                        anomaly[i] = self._anomaly_vectors()[item]
                     items[i] = item
                 else:
                     tensors[i] = self._tensor(q)
-            except (SimCLRError, RetrievalError) as exc:
+            except UserError as exc:
                 errors[i] = str(exc)
         if tensors:
             rows = list(tensors)
             with self._lock:
-                vectors[rows] = self.encoder.embed(torch.stack([tensors[i] for i in rows])).cpu().numpy()
-        return vectors, errors, items
+                feats = self.encoder.features(torch.stack([tensors[i] for i in rows]))
+                vectors[rows] = self.encoder.from_features(feats).cpu().numpy()
+            if anomaly is not None:
+                anomaly[rows] = self.space.transform(feats.cpu().numpy())
+        return QueryVectors(vectors, anomaly, errors, items)
 
     # ------------------------------------------------------------------ answering
     def calibration(self, k: int, percentile: float | None = None) -> Calibration:
         """The calibration for anomaly scores at ``k`` (computed and cached when not stored)."""
         if k not in self._calibrations:
-            from retrieval.indexing import calibrate
-
-            self._calibrations[k] = calibrate(self.store, k)
+            table = self.anomaly_table()
+            self._calibrations[k] = calibrate(self.store, k, self._default_percentile(), table, self._anomaly_vectors())
         cal = self._calibrations[k]
         if percentile is not None and percentile != cal.percentile:
             cal = Calibration(cal.k, cal.scores, percentile)
         return cal
 
-    def answer_vectors(
-        self, queries: Sequence[str], vectors: np.ndarray, errors: Sequence[str | None], opts: Options,
-        items: Sequence[int | None] | None = None,
-    ) -> list[Answer]:
-        """Answers for embedded queries (one index search for the whole batch).
+    def answer_vectors(self, queries: Sequence[str], q: QueryVectors, opts: Options) -> list[Answer]:
+        """Answers for embedded queries (one index search for the whole batch, and one in the
+        anomaly space when scores are asked for).
 
-        A query that is an indexed item (``items``) is left out of its own neighbours, so
+        A query that is an indexed item (``q.items``) is left out of its own neighbours, so
         that its label and anomaly score are leave-one-out, as in the calibration.
         """
+        vectors, errors, items = q.vectors, q.errors, q.items
         opts.check()
         store = self.store
         count = store.manifest.count
         anomaly_k = opts.anomaly_k or self._default_anomaly_k()
-        wanted = max(opts.k, opts.knn_k if opts.classify else 0, anomaly_k if opts.anomaly else 0)
+        legacy = self.space is None  # cosine anomaly scores on the search results
+        wanted = max(opts.k, opts.knn_k if opts.classify else 0, anomaly_k if opts.anomaly and legacy else 0)
         ok = [i for i, e in enumerate(errors) if e is None]
         answers = [Answer(query=str(q), error=e) for q, e in zip(queries, errors)]
         if not ok:
             return answers
-        own = np.array([items[i] if items is not None and items[i] is not None else -1 for i in ok])
+        own = np.array([items[i] if items[i] is not None else -1 for i in ok])
         with self._lock:
             sims, ids = store.search(vectors[ok], wanted + int((own >= 0).any()), opts.nprobe, opts.ef_search)
         sims, ids = _drop_own(sims, ids, own, wanted)
@@ -258,7 +228,14 @@ class Service:
         classes = store.manifest.classes
         label_ids = self._label_ids()
         cal = self.calibration(anomaly_k, opts.percentile) if opts.anomaly else None
-        scores = knn_distance(sims, anomaly_k) if opts.anomaly else None
+        scores = None
+        if opts.anomaly and legacy:
+            scores = knn_distance(sims, anomaly_k)
+        elif opts.anomaly:
+            with self._lock:
+                dists, nn = self.anomaly_table().search(q.anomaly[ok], anomaly_k + int((own >= 0).any()))
+            dists, _ = _drop_own(dists, nn, own, anomaly_k)
+            scores = mean_distance(dists, anomaly_k)
         probs = None
         if opts.classify and classes:
             kk = min(opts.knn_k, ids.shape[1])
@@ -290,11 +267,10 @@ class Service:
 
     def ask(self, queries: Sequence[str | Path | bytes | Image.Image], opts: Options) -> list[Answer]:
         """Answer a batch of queries: files, item ids (``id:N``), raw bytes or PIL images."""
-        vectors, errors, items = self.embed(queries)
-        names = [q if isinstance(q, str) else str(q) if isinstance(q, Path) else "image" for q in queries]
-        return self.answer_vectors(names, vectors, errors, opts, items)
+        names = [q if isinstance(q, str) else str(q) if isinstance(q, (Path, Unreadable)) else "image" for q in queries]
+        return self.answer_vectors(names, self.embed(queries), opts)
 
-    def ask_stream(self, queries: Iterable[str], opts: Options, batch_size: int = 64, workers: int = 2) -> Iterator[Answer]:
+    def ask_stream(self, queries: Iterable[str | Unreadable], opts: Options, batch_size: int = 64, workers: int = 2) -> Iterator[Answer]:
         """Answers as they are ready, decoding the next batch while this one is searched.
 
         Memory stays flat however many queries there are.
@@ -312,9 +288,8 @@ class Service:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finish(self, chunk: list[str], future, opts: Options) -> list[Answer]:  # noqa: ANN001
-        vectors, errors, items = future.result()
-        return self.answer_vectors(chunk, vectors, errors, opts, items)
+    def _finish(self, chunk: list[str | Unreadable], future, opts: Options) -> list[Answer]:  # noqa: ANN001
+        return self.answer_vectors([str(q) for q in chunk], future.result(), opts)
 
     def _label_ids(self) -> np.ndarray:
         if self._label_cache is None or len(self._label_cache) != self.store.manifest.count:
@@ -322,8 +297,12 @@ class Service:
         return self._label_cache
 
     def _default_anomaly_k(self) -> int:
-        cal = self.store.manifest.extra.get("calibration")
-        return int(cal["k"]) if cal else ANOMALY_K
+        cal = self.store.manifest.calibration
+        return cal.k if cal is not None else ANOMALY_K
+
+    def _default_percentile(self) -> float:
+        cal = self.store.manifest.calibration
+        return cal.percentile if cal is not None else DEFAULT_PERCENTILE
 
 
 def check_encoder(store: IndexStore, encoder: Encoder, force: bool = False) -> None:
@@ -343,7 +322,8 @@ def _drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tup
     """Remove each row's own id (-1: none) and keep k columns."""
     if not (own >= 0).any():
         return sims[:, :k], ids[:, :k]
-    is_own = ids == own[:, None]
+    # Empty result slots (-1) never match the "no own id" marker (-1).
+    is_own = (ids == own[:, None]) & (own[:, None] >= 0)
     # Rows without their own id among the results lose their last column instead.
     is_own[~is_own.any(1), -1] = True
     keep = ~is_own
@@ -351,8 +331,8 @@ def _drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tup
     return sims[keep].reshape(-1, width)[:, :k], ids[keep].reshape(-1, width)[:, :k]
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:

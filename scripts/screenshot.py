@@ -9,7 +9,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tests.appserver import CHROMIUM, CHROMIUM_ARGS, serve
+from retrieval.web.launcher import CHROMIUM, CHROMIUM_ARGS, serve
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from retrieval.service import Service
-    from retrieval.webapp import WebApp
+    from retrieval.web import WebApp
 
     query = Path(tempfile.mkdtemp()) / "query.png"
     web = WebApp(Service.open(args.index, device="cpu"))

@@ -48,6 +48,8 @@ else
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".$extras" --config-settings editable_mode=compat
+  # setuptools' default editable mode: the four packages import from this checkout, and nothing
+  # else in it (tests/, bench/, app.py) lands on sys.path by accident.
+  "$VENV/bin/python" -m pip install -q -e ".$extras"
   echo "$digest" >> "$stamp"
 fi

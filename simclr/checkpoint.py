@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from common.errors import first_line
 from simclr.errors import SimCLRError
 
 
@@ -35,7 +36,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, type(exc).__name__)
         kept = " (the previous file is intact)" if path.exists() else ""
         raise SimCLRError(f"cannot write {path}: {reason}{kept}") from None
     _fsync_dir(path.parent)
@@ -70,7 +71,7 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or carrying code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, type(exc).__name__)
         if "Unsupported global" in str(exc):
             first = "it holds Python objects other than tensors (refused for safety)"
         elif "Weights only load failed" in str(exc):

@@ -11,15 +11,19 @@ import torch
 
 from simclr.augment import AugmentConfig
 from simclr.errors import SimCLRError
+from simclr.knn import KNN_K, KNN_TEMPERATURE
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
 from simclr.whitening import DEFAULT_SHRINKAGE
 
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "workers", "progress",
+    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
      "whiten", "whiten_shrinkage"}
 )
+# Options that older versions wrote into checkpoints and no longer exist; loading such a
+# configuration drops them. (``workers``: the trainer never used it; its data lives in memory.)
+OBSOLETE_OPTIONS = frozenset({"workers"})
 
 # Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
 # budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
@@ -38,6 +42,8 @@ class TrainConfig:
     """
 
     data: str = "fashion-mnist:train"
+    # Train on the images of these classes only (labelled sources); None: every image.
+    classes: list[str] | None = None
     out: str = "runs/simclr"
     # Architecture.
     arch: str = "resnet18"
@@ -77,24 +83,24 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     sync_bn: bool = False
-    workers: int = 4
     seed: int = 0
     # Monitoring.
     knn_every: int | None = None
-    knn_k: int = 200
-    knn_temperature: float = 0.07
+    knn_k: int = KNN_K
+    knn_temperature: float = KNN_TEMPERATURE
     knn_max_gallery: int = 60000
     log_every: int = 20
     progress: bool = True
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, refusing unknown keys (by name)."""
+        """Build from a dict, refusing unknown keys (by name); :data:`OBSOLETE_OPTIONS`, which
+        configurations saved by older versions hold, are dropped."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - OBSOLETE_OPTIONS)
         if unknown:
             raise SimCLRError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import first_line
 from simclr.errors import SimCLRError
 from simclr.images import ImageReadError, is_image_path, read_image
 
@@ -153,7 +154,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as exc:
-        raise SimCLRError(f"{path}: cannot read idx file ({exc})") from None
+        raise SimCLRError(f"{path}: cannot read idx file ({first_line(exc, type(exc).__name__)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise SimCLRError(f"{path}: not an idx file of unsigned bytes")
     ndim = data[3]
@@ -235,7 +236,7 @@ def load_cifar10(path: Path, split: str = "train") -> ImageData:
             try:
                 batch = pickle.load(f, encoding="bytes")
             except Exception as exc:  # noqa: BLE001
-                raise SimCLRError(f"{path / name}: cannot read CIFAR-10 batch ({exc})") from None
+                raise SimCLRError(f"{path / name}: cannot read CIFAR-10 batch ({first_line(exc, type(exc).__name__)})") from None
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch[b"labels"])
     data = np.concatenate(images)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import first_line
 from simclr.augment import normalize, resize, to_unit_float
 from simclr.checkpoint import atomic_save, file_sha256, safe_load
 from simclr.errors import SimCLRError
@@ -31,6 +32,7 @@ from simclr.whitening import (
     fit_whitening,
 )
 
+ENCODER_FILE = "encoder.pt"  # the encoder file's name in a training run and in an index folder
 FORMAT = "simclr-encoder"
 VERSION = 1
 
@@ -55,7 +57,7 @@ class EncoderSpec:
         try:
             return cls(**d)
         except TypeError as exc:
-            raise SimCLRError(f"{where}: encoder description is malformed ({exc})") from None
+            raise SimCLRError(f"{where}: encoder description is malformed ({first_line(exc, type(exc).__name__)})") from None
 
 
 class Encoder(nn.Module):
@@ -175,7 +177,7 @@ class Encoder(nn.Module):
         try:
             enc.backbone.load_state_dict(obj["backbone"])
         except (RuntimeError, KeyError) as exc:
-            raise SimCLRError(f"{path}: weights do not match {spec.arch} ({str(exc).splitlines()[0]})") from None
+            raise SimCLRError(f"{path}: weights do not match {spec.arch} ({first_line(exc, type(exc).__name__)})") from None
         white = obj.get("whitening")
         if white is not None:
             if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):

@@ -1,5 +1,7 @@
 """The one exception type for mistakes a user can make (bad data, options, files)."""
 
+from common.errors import UserError
 
-class SimCLRError(Exception):
+
+class SimCLRError(UserError):
     """A user-facing error: the message names the problem and, where possible, the fix."""

@@ -13,6 +13,10 @@ import torch
 
 from simclr.errors import SimCLRError
 
+# The weighted-kNN settings of Wu et al. 2018, used everywhere a default is needed.
+KNN_K = 200
+KNN_TEMPERATURE = 0.07
+
 
 def weighted_vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
     """Class probabilities (Q, num_classes) from neighbour similarities and labels (Q, k).
@@ -83,8 +87,8 @@ def knn_classify(
     gallery_feats: torch.Tensor,
     gallery_labels: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
 ) -> torch.Tensor:
     """Class probabilities (Q, C) of each query under weighted kNN against the gallery."""
     if gallery_feats.shape[0] == 0:
@@ -100,8 +104,8 @@ def knn_evaluate(
     gallery_feats: torch.Tensor,
     gallery_labels: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
 ) -> KNNResult:
     """Top-1/top-5 accuracy, per-class accuracy and confusion of weighted kNN."""
     probs = knn_classify(query_feats, gallery_feats, gallery_labels, num_classes, k, temperature)

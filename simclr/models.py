@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from common.errors import first_line
 from simclr.errors import SimCLRError
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,10 @@ def build_backbone(arch: str, in_channels: int = 3, stem: str = "standard", widt
 
 def _scaled_resnet(arch: str, width: int) -> torchvision.models.ResNet:
     """A ResNet whose four stages have ``width * (1, 2, 4, 8)`` channels (torchvision: 64 * ...)."""
-    model = BACKBONES[arch]()
+    # torchvision builds width 64 only: build that without memory, then replace every module
+    # that holds weights.
+    with torch.device("meta"):
+        model = BACKBONES[arch]()
     block = type(model.layer1[0])
     depths = [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)]
     model.inplanes = width
@@ -71,6 +76,7 @@ def _scaled_resnet(arch: str, width: int) -> torchvision.models.ResNet:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     return model
 
 
@@ -81,8 +87,14 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, init: str) -> None:
     torchvision's model (as downloaded into ``~/.cache/torch/hub/checkpoints``). The first
     convolution is averaged over RGB for grayscale input and dropped when its shape differs
     (small stem); the classifier is dropped.
+
+    Raises:
+        SimCLRError: no such file, not a state dict, weights of another architecture (both
+            named), or tensors that do not fit ``backbone`` (of another shape, unknown, or
+            missing, which would stay random).
     """
     if init == "imagenet":
+        where = f"ImageNet weights for {arch}"
         try:
             weights = torchvision.models.get_weight(IMAGENET_WEIGHTS[arch])
             state = weights.get_state_dict(progress=False)
@@ -93,17 +105,21 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, init: str) -> None:
             ) from None
     else:
         path = Path(init).expanduser()
+        where = str(path)
         if not path.is_file():
             raise SimCLRError(f"--init {init!r}: neither 'imagenet' nor a weights file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise SimCLRError(f"{path}: not a torch weights file ({str(exc).splitlines()[0]})") from None
+            raise SimCLRError(f"{path}: not a torch weights file ({first_line(exc, type(exc).__name__)})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise SimCLRError(f"{path}: expected a state dict of {arch} weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    found = _arch_of(state)
+    if found is not None and found != arch:
+        raise SimCLRError(f"{where}: these are {found} weights, not {arch} (train with --arch {found}, or give {arch} weights)")
     conv = backbone.conv1.weight
     if "conv1.weight" in state:
         w = state["conv1.weight"]
@@ -113,16 +129,35 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, init: str) -> None:
             state["conv1.weight"] = w
         else:
             del state["conv1.weight"]
+            log.info("%s: conv1 is %s here (another stem), so it starts at random", where, tuple(conv.shape))
     own = backbone.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unknown = [k for k in state if k not in own]
-    if bad or unknown or not state:
+    # Tensors the file lacks would silently stay random; only conv1 (dropped above) and the
+    # batch-norm step counters, which old torchvision files leave out, may be missing.
+    missing = [k for k in own if k not in state and k != "conv1.weight" and not k.endswith("num_batches_tracked")]
+    if bad or unknown or missing or not state:
+        width = backbone.bn1.num_features
+        at = f" at width {width} (ImageNet weights have width 64)" if width != 64 else ""
         raise SimCLRError(
-            f"ImageNet weights do not fit {arch}: "
-            f"{len(bad)} tensors of another shape, {len(unknown)} unknown (e.g. {(bad + unknown)[:3]})"
+            f"{where}: weights do not fit {arch}{at}: {len(bad)} tensors of another shape, {len(unknown)} unknown, "
+            f"{len(missing)} missing (e.g. {', '.join((bad + unknown + missing)[:3]) or 'no tensors at all'})"
         )
-    missing = backbone.load_state_dict(state, strict=False).missing_keys
-    log.info("loaded ImageNet weights into %s (%d tensors left at random: %s)", arch, len(missing), missing[:4])
+    backbone.load_state_dict(state, strict=False)
+    log.info("loaded %s into the %s backbone", where, arch)
+
+
+@functools.cache
+def _arch_keys(arch: str) -> frozenset[str]:
+    with torch.device("meta"):  # the names only: no memory, no initialisation
+        keys = BACKBONES[arch]().state_dict().keys()
+    return frozenset(k for k in keys if not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
+
+
+def _arch_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The architecture in :data:`BACKBONES` whose tensor names ``state`` has, if any."""
+    names = {k for k in state if not k.endswith("num_batches_tracked")}
+    return next((a for a in BACKBONES if _arch_keys(a) == names), None)
 
 
 def build_head(kind: str, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, depth: int = 2) -> nn.Module:

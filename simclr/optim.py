@@ -20,8 +20,11 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios.
 
-    Parameter groups with ``lars_exclude=True`` take plain SGD-momentum steps without
-    weight decay.
+    Each tensor's decayed gradient ``d = g + weight_decay * w`` is scaled by the trust ratio
+    ``eta * |w| / |d|`` (1 where either norm is 0), as SimCLR's ``lars_optimizer.py`` does (the
+    LARS paper divides by ``|g| + weight_decay * |w|``), then accumulated with momentum
+    (``buf = momentum * buf + d``) and applied as ``w -= lr * buf``. Parameter groups with
+    ``lars_exclude=True`` take plain SGD-momentum steps without weight decay.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, eta: float = 1e-3):  # noqa: ANN001

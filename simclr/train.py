@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import first_line
 from simclr import dist, whitening
 from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.config import RESUMABLE_CHANGES, TrainConfig
 from simclr.data import ImageData, default_eval_split, load_images
-from simclr.encoder import Encoder, EncoderSpec, channel_stats, embed_images
+from simclr.device import pick_device
+from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats, embed_images
 from simclr.errors import SimCLRError
+from simclr.images import match_channels
 from simclr.knn import knn_evaluate
 from simclr.loss import NTXentLoss
 from simclr.metrics import MetricsLog
@@ -33,7 +36,6 @@ from simclr.optim import build_optimizer, scaled_lr, warmup_cosine
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-ENCODER = "encoder.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
@@ -52,39 +54,6 @@ class TrainResult:
     final_loss: float
     knn_top1: float | None
     views_per_second: float
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: this process's GPU under torchrun, the first GPU, or the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SimCLRError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SimCLRError("device cuda was asked for, but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank())
-    elif device.type != "cpu":
-        raise SimCLRError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) with C in {1, 3} converted to ``channels`` (luma, or gray repeated)."""
-    c = images.shape[1]
-    if c == channels:
-        return images
-    if c == 1:
-        return images.expand(-1, channels, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise SimCLRError(f"cannot convert {c}-channel images to {channels} channels")
 
 
 class Trainer:
@@ -124,6 +93,8 @@ class Trainer:
         if cfg.batch_size % world:
             raise SimCLRError(f"batch size {cfg.batch_size} does not divide over {world} processes")
         data = load_images(cfg.data, size=cfg.image_size, channels=cfg.in_channels)
+        if cfg.classes:
+            data = only_classes(data, cfg.classes)
         channels = cfg.in_channels or data.images.shape[1]
         if cfg.in_channels is None:
             self.cfg = cfg = cfg.replace(in_channels=channels)
@@ -203,7 +174,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise SimCLRError(f"{self.ckpt_path} does not fit this model ({str(exc).splitlines()[0]})") from None
+            raise SimCLRError(f"{self.ckpt_path} does not fit this model ({first_line(exc, type(exc).__name__)})") from None
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         rng = state.get("rng", {})
@@ -313,7 +284,7 @@ class Trainer:
         if progress is not None:
             progress.close()
         return TrainResult(
-            out=cfg.out_dir, encoder=cfg.out_dir / ENCODER, checkpoint=self.ckpt_path, epochs=self.epoch,
+            out=cfg.out_dir, encoder=cfg.out_dir / ENCODER_FILE, checkpoint=self.ckpt_path, epochs=self.epoch,
             steps=self.step, final_loss=last_loss, knn_top1=knn_top1, views_per_second=rate,
         )
 
@@ -356,7 +327,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "rng": rng,
                 "stats": {"mean": list(self.mean), "std": list(self.std)}, "record": dict(record or {}),
             }, self.ckpt_path)
-            (self.encoder() if encoder is None else encoder).save(self.cfg.out_dir / ENCODER)
+            (self.encoder() if encoder is None else encoder).save(self.cfg.out_dir / ENCODER_FILE)
         dist.barrier()
 
     def knn_monitor(self, encoder: Encoder | None = None) -> tuple[float, float] | None:
@@ -382,7 +353,7 @@ class Trainer:
         cfg = self.cfg
         pair = default_eval_split(cfg.data)
         if pair is not None:
-            gallery = self.data if pair[0] == self.data.source else load_images(pair[0])
+            gallery = self.data if pair[0] == self.data.source and not cfg.classes else load_images(pair[0])
             queries = load_images(pair[1])
         elif self.data.labelled and len(self.data) >= 20:
             # A folder with class subfolders: every tenth image is a query, the rest the gallery.
@@ -395,6 +366,21 @@ class Trainer:
         gallery.images, queries.images = match_channels(gallery.images, ch), match_channels(queries.images, ch)
         self._eval_sets = (gallery, queries)
         return self._eval_sets
+
+
+def only_classes(data: ImageData, names: list[str]) -> ImageData:
+    """The images of ``data`` labelled with one of ``names``.
+
+    Raises:
+        SimCLRError: the data has no labels, or a name is not one of its classes (known ones listed).
+    """
+    if not data.classes:
+        raise SimCLRError(f"{data.source} has no labels, so it cannot be narrowed to classes {', '.join(names)}")
+    unknown = [n for n in names if n not in data.classes]
+    if unknown:
+        raise SimCLRError(f"{data.source} has no class {', '.join(map(repr, unknown))}; known: {', '.join(data.classes)}")
+    wanted = torch.tensor([data.classes.index(n) for n in names])
+    return _subset(data, torch.isin(data.labels, wanted))
 
 
 def _subset(data: ImageData, mask: torch.Tensor) -> ImageData:

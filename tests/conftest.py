@@ -50,7 +50,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # A small, quick recipe: a narrow ResNet-18 at 16 px, AdamW (LARS moves weights too slowly
 # for a run of a few dozen steps), mild augmentation.
 TINY = dict(arch="resnet18", width=8, stem="small", image_size=16, batch_size=16, head_hidden=32,
-            head_out=16, epochs=1, knn_every=0, progress=False, log_every=1, workers=0,
+            head_out=16, epochs=1, knn_every=0, progress=False, log_every=1,
             optimizer="adamw", lr=2e-3, lr_scaling="none", crop_min=0.5, jitter_strength=0.2, temperature=0.5)
 
 
@@ -68,7 +68,7 @@ def tiny_encoder(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def tiny_index(tiny_encoder: Path, image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An index of :func:`image_folder` built with :func:`tiny_encoder`."""
-    from retrieval.indexing import IndexConfig, build_index
+    from retrieval.build import IndexConfig, build_index
 
     out = tmp_path_factory.mktemp("index") / "idx"
     build_index(IndexConfig(source=str(image_folder), out=str(out), encoder=str(tiny_encoder), workers=0, progress=False))

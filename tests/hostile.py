@@ -89,7 +89,7 @@ def build(folder: Path, bomb: Path | None = None) -> tuple[list[str], list[str]]
     save("one-pixel.png", Image.new("RGB", (1, 1), (10, 200, 30)))
     save("cmyk.jpg", base.convert("CMYK"), quality=90)
     arr16 = (np.linspace(0, 65535, 40 * 30).reshape(30, 40)).astype(np.uint16)
-    save("sixteen-bit.png", Image.fromarray(arr16, mode="I;16"))
+    save("sixteen-bit.png", Image.fromarray(arr16))
     pal = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.info["transparency"] = 0
     save("palette-transparent.png", pal, transparency=0)
@@ -119,7 +119,7 @@ def build(folder: Path, bomb: Path | None = None) -> tuple[list[str], list[str]]
     save("png-named.jpg", base, format="PNG")
     save("big-photo.jpg", base_image((3000, 2000)), quality=80)
     save("ünïcødé 画像.png", base)
-    save("gray16-tiff.tif", Image.fromarray(arr16, mode="I;16"))
+    save("gray16-tiff.tif", Image.fromarray(arr16))
     # Not image files at all, by name: skipped without being counted as failures.
     (folder / "notes.txt").write_text("ignored")
     (folder / ".hidden.png").write_bytes(b"hidden files are skipped")

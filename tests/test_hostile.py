@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from retrieval.cli import app
 from retrieval.service import Service
-from retrieval.webapp import WebApp
+from retrieval.web import WebApp
 from simclr.images import ImageReadError, read_image
 from tests.hostile import base_image, build, png_bomb
 

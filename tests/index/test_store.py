@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from index import IndexStore, IndexStoreError, Items
-from index.store import replace_folder
+from index.folder import replace_folder
+from index.manifest import EncoderInfo
 from tests.index.test_ann import clustered
 
 
@@ -17,7 +18,7 @@ def _items(n: int, start: int = 0) -> Items:
 
 def _store(n: int = 300, seed: int = 0) -> tuple[IndexStore, np.ndarray]:
     vecs = clustered(n, 16, seed)
-    return IndexStore.build(vecs, _items(n), "abc123", {"arch": "resnet18"}, sources=["folder"]), vecs
+    return IndexStore.build(vecs, _items(n), "abc123", EncoderInfo(arch="resnet18"), sources=["folder"]), vecs
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -101,15 +102,48 @@ def test_failed_write_leaves_the_previous_folder(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]
 
 
-def test_interrupted_swap_is_recovered(tmp_path: Path) -> None:
+def test_interrupted_swap_is_read_without_writing_and_recovered_by_the_next_write(tmp_path: Path) -> None:
     store, _ = _store()
     store.save(tmp_path / "idx")
     # A build killed between moving the old folder aside and moving the new one in.
     os.rename(tmp_path / "idx", tmp_path / ".idx.old-1234abcd")
     (tmp_path / ".idx.tmp-999999999-deadbeef").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
     loaded = IndexStore.load(tmp_path / "idx")
     assert loaded.manifest.count == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # reading changed nothing
+    loaded.save(tmp_path / "idx")  # a writer repairs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert IndexStore.load(tmp_path / "idx").manifest.count == 300
+
+
+def test_a_format_1_manifest_is_read_into_typed_fields(tmp_path: Path) -> None:
+    store, _ = _store()
+    store.arrays["calibration"] = np.arange(5, dtype=np.float32)
+    store.save(tmp_path / "idx")
+    m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    m["format_version"] = 1
+    m["extra"] = {"calibration": {"k": 7, "percentile": 95.0, "count": 5, "method": "leave-one-out", "threshold": 3.8},
+                  "encoder_file": "encoder.pt"}
+    m["encoder"] = {"arch": "resnet18", "stem": "small"}
+    for key in ("calibration", "map"):
+        m.pop(key)
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(m))
+    loaded = IndexStore.load(tmp_path / "idx")
+    cal = loaded.manifest.calibration
+    assert (cal.k, cal.percentile, cal.threshold, cal.array) == (7, 95.0, 3.8, "calibration")
+    assert loaded.manifest.encoder.file == "encoder.pt" and loaded.manifest.encoder.stem == "small"
+    assert loaded.manifest.format_version == 2
+
+
+def test_a_manifest_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    store, _ = _store()
+    store.save(tmp_path / "idx")
+    m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    m["format_version"] = 3
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexStoreError, match="format version 3 is not supported"):
+        IndexStore.load(tmp_path / "idx")
 
 
 def test_read_only_folder_gives_a_clear_error(tmp_path: Path) -> None:

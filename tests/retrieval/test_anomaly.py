@@ -59,3 +59,49 @@ def test_constructed_anomalies_are_found() -> None:
     sims, _ = topk_neighbours(torch.tensor(queries, dtype=torch.float32), torch.tensor(normal, dtype=torch.float32), 5)
     scores = knn_distance(sims.numpy(), 5)
     assert auroc(scores, np.r_[np.zeros(50, bool), np.ones(50, bool)]) > 0.97
+
+
+def _one_kind(seed: int = 0, n: int = 400, anomalies: int = 12, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features of a collection of one kind of thing (all near one mean, like pooled ReLU
+    features: positive, with a few strong directions) and a few items far from that mean along
+    the same directions: only their distance from the mean sets them apart, not their direction."""
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(3.0, 0.2, dim)
+    mean = 10.0 + rng.random(dim)
+    normal = mean + rng.normal(size=(n, dim)) * scale
+    far = mean + rng.normal(size=(anomalies, dim)) * scale * 4.0
+    return np.vstack([normal, far]).astype(np.float32), np.r_[np.zeros(n, bool), np.ones(anomalies, bool)]
+
+
+def test_gallery_whitened_distance_finds_what_cosine_after_whitening_misses() -> None:
+    """The index's anomaly space against the old score (cosine on features whitened on the same
+    collection, then normalised), leave-one-out over one homogeneous collection."""
+    from retrieval.anomaly import WHITENED, AnomalySpace, mean_distance
+    from retrieval.anomaly_eval import knn_l2
+
+    feats, is_anomaly = _one_kind()
+    space = AnomalySpace.fit(feats[~is_anomaly], shrinkage=1e-2)
+    assert space.kind == WHITENED
+    z = space.transform(feats)
+    d = knn_l2(z, z, 6)[:, 1:]  # each item's own zero distance left out
+    new = auroc(mean_distance(d, 5), is_anomaly)
+    # The old score: the same whitening, then L2-normalised and compared by cosine.
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    sims = np.sort(unit @ unit.T, axis=1)[:, ::-1][:, 1:]
+    old = auroc(knn_distance(sims, 5), is_anomaly)
+    assert new > 0.97 and old < 0.75, (new, old)
+
+
+def test_anomaly_space_is_a_whitening_of_the_gallery() -> None:
+    from retrieval.anomaly import PLAIN, AnomalySpace
+
+    feats, _ = _one_kind(n=2000)
+    space = AnomalySpace.fit(feats, shrinkage=1e-6)
+    z = space.transform(feats).astype(np.float64)
+    assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(np.cov(z.T, bias=True), np.eye(16), atol=1e-3)
+    # Too few items per dimension to estimate a covariance: raw features, as they are.
+    small = AnomalySpace.fit(feats[:20], shrinkage=1e-2)
+    assert small.kind == PLAIN and np.array_equal(small.transform(feats[:3]), feats[:3])
+    assert "too few" in small.describe()
+    with pytest.raises(RetrievalError, match="shrinkage must be positive"):
+        AnomalySpace.fit(feats, shrinkage=0)

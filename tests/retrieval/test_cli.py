@@ -160,3 +160,66 @@ def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image
     assert r.exit_code == 1 and "exists" in r.output and white.checksum == Encoder.load(tmp_path / "w.pt").checksum
     r = run("whiten", tmp_path / "w.pt", "--remove", "--out", tmp_path / "p.pt")
     assert r.exit_code == 0 and not Encoder.load(tmp_path / "p.pt").whitened
+
+
+def test_a_folder_without_images_is_reported_and_the_other_queries_answered(tiny_index: Path, image_folder: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    a, b = image_folder / "bars" / "bars_000.png", image_folder / "checks" / "checks_000.png"
+    r = run("query", tiny_index, a, empty, b, "-k", 1, "--json")
+    assert r.exit_code == 1
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert [row["query"] for row in rows] == [str(a), str(empty), str(b)]
+    assert "hits" in rows[0] and "hits" in rows[2] and "no image files found" in rows[1]["error"]
+
+
+def test_info_names_the_calibration_and_the_encoder(tiny_index: Path) -> None:
+    r = run("info", tiny_index)
+    assert r.exit_code == 0, r.output
+    assert "resnet18 (small stem, 16px, 3ch" in r.output and "anomaly    k=5" in r.output and "99th percentile of 48" in r.output
+    # 48 items cannot estimate a 64-d covariance: the anomaly space falls back to raw features, and says so.
+    assert "the 48 gallery items were too few to fit a whitening" in r.output
+
+
+def test_the_strict_protocol_runs_end_to_end(image_folder: Path, tmp_path: Path) -> None:
+    r = run("anomaly-eval", "--protocol", "strict", "--train", image_folder, "--test", image_folder, "--work", tmp_path / "w",
+            "--epochs", 1, "-k", 3, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["protocol"] == "strict" and set(result["per_class"]) == {"bars", "checks", "stripes"}
+    assert all(0.0 <= v <= 1.0 for v in result["per_class"].values()) and result["total_seconds"] > 0
+    # One encoder per class, each trained on that class alone.
+    for name in ("bars", "checks", "stripes"):
+        assert (tmp_path / "w" / name / "encoder.pt").is_file()
+    from simclr.encoder import Encoder
+
+    assert Encoder.load(tmp_path / "w" / "bars" / "encoder.pt").spec.train_config["classes"] == ["bars"]
+
+
+def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--train", image_folder, "--test", image_folder)
+    assert r.exit_code == 1 and "needs --encoder" in r.output
+    r = run("anomaly-eval", "--protocol", "nonsense", "--encoder", tiny_encoder)
+    assert r.exit_code == 1 and "unknown protocol 'nonsense'; known: strict, shared-encoder, transductive" in r.output
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
+            "--test", image_folder, "-k", 20)
+    assert r.exit_code == 1 and "class 'bars' has 16 training image(s), fewer than k + 1 = 21" in r.output
+
+
+def test_shared_encoder_protocol_scores_with_both_scores(image_folder: Path, tiny_encoder: Path) -> None:
+    for score in ("index", "cosine"):
+        r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
+                "--test", image_folder, "-k", 3, "--score", score, "--json")
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.output[r.output.index("{"):])
+        # Three textures an encoder was trained on: well above chance (0.5) either way.
+        assert result["score"] == score and result["mean_auroc"] > 0.65, result
+
+
+def test_a_dangling_symlink_is_reported_under_its_own_name(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(image_folder / "bars", src / "bars")
+    (src / "bars" / "gone-link.png").symlink_to(tmp_path / "moved-away.png")
+    r = run("index", "--encoder", tiny_encoder, "--source", src, "--out", tmp_path / "idx", "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "gone-link.png: broken symbolic link (to " in r.output and "1 unreadable file(s) skipped" in r.output

@@ -7,7 +7,7 @@ from PIL import Image
 
 from index import IndexStore, Items
 from retrieval.errors import RetrievalError
-from retrieval.service import Options, Service
+from retrieval.service import Options, QueryVectors, Service
 from simclr.encoder import Encoder
 
 
@@ -85,7 +85,7 @@ def test_weighted_knn_against_a_hand_computed_example(tiny_encoder: Path) -> Non
     service = _hand_made(tiny_encoder)
     q = np.zeros((1, service.encoder.dim), np.float32)
     q[0, 0] = 1.0
-    [a] = service.answer_vectors(["q"], q, [None], Options(k=3, classify=True, knn_k=3, temperature=0.5))
+    [a] = service.answer_vectors(["q"], QueryVectors(q, None, [None], [None]), Options(k=3, classify=True, knn_k=3, temperature=0.5))
     w = {c: math.exp(c / 0.5) for c in (1.0, math.cos(math.radians(10)), math.cos(math.radians(20)))}
     cat = w[1.0]
     dog = w[math.cos(math.radians(10))] + w[math.cos(math.radians(20))]
@@ -100,8 +100,48 @@ def test_anomaly_verdict_uses_the_calibration(tiny_encoder: Path) -> None:
     q = np.zeros((2, service.encoder.dim), np.float32)
     q[0, 0] = 1.0  # on top of item0
     q[1, 2] = 1.0  # orthogonal to every item
-    answers = service.answer_vectors(["near", "far"], q, [None, None], Options(k=1, anomaly=True, anomaly_k=2))
+    answers = service.answer_vectors(["near", "far"], QueryVectors(q, None, [None] * 2, [None] * 2),
+                                     Options(k=1, anomaly=True, anomaly_k=2))
     near, far = answers[0].anomaly, answers[1].anomaly
     assert near.score == pytest.approx((0 + 1 - math.cos(math.radians(10))) / 2, abs=1e-5)
     assert far.score == pytest.approx(1.0, abs=1e-5)
     assert not near.unusual and far.unusual and far.percentile == 100.0
+
+
+def _naive_drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row: drop the row's own id if present (else the last column), keep k columns."""
+    out_s, out_i = [], []
+    for s, i, o in zip(sims, ids, own):
+        pos = [j for j, v in enumerate(i) if o >= 0 and v == o]
+        drop = pos[0] if pos else len(i) - 1
+        keep = [j for j in range(len(i)) if j != drop][:k]
+        out_s.append(s[keep]), out_i.append(i[keep])
+    return np.array(out_s), np.array(out_i)
+
+
+def test_dropping_own_ids_when_an_approximate_index_leaves_empty_slots() -> None:
+    from retrieval.service import _drop_own
+
+    # Row 0 is a file query (no own id) with two empty slots; row 1 is item 5 with one.
+    sims = np.array([[0.9, 0.5, -np.inf, -np.inf], [0.99, 0.7, 0.6, -np.inf]], np.float32)
+    ids = np.array([[3, 8, -1, -1], [5, 2, 9, -1]])
+    own = np.array([-1, 5])
+    got_s, got_i = _drop_own(sims, ids, own, 3)
+    want_s, want_i = _naive_drop_own(sims, ids, own, 3)
+    assert np.array_equal(got_i, want_i) and np.array_equal(got_s, want_s)
+    assert got_i.tolist() == [[3, 8, -1], [2, 9, -1]]
+
+
+def test_an_other_k_is_calibrated_at_the_index_percentile(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    from retrieval.anomaly import calibrate
+    from retrieval.build import IndexConfig, build_index
+
+    out = tmp_path / "idx"
+    build_index(IndexConfig(source=str(image_folder), out=str(out), encoder=str(tiny_encoder), workers=0,
+                            progress=False, percentile=80.0))
+    service = Service.open(out, device="cpu")
+    [a] = service.ask([str(image_folder / "bars" / "bars_000.png")], Options(k=1, anomaly=True, anomaly_k=3))
+    space = (service.anomaly_table(), service.store.arrays["anomaly_vectors"])
+    expected = calibrate(service.store, 3, 80.0, *space).threshold
+    assert a.anomaly.k == 3 and a.anomaly.threshold == pytest.approx(expected)
+    assert a.anomaly.threshold != pytest.approx(calibrate(service.store, 3, 99.0, *space).threshold)

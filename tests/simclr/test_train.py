@@ -1,5 +1,8 @@
+"""The training loop: files it writes, resuming, refusals, and training on some classes."""
+
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,11 +10,13 @@ import torch
 
 from simclr.checkpoint import safe_load
 from simclr.config import TrainConfig
-from simclr.encoder import Encoder, embed_images
+from simclr.data import load_folder
+from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.errors import SimCLRError
-from simclr.knn import knn_evaluate
-from simclr.train import CHECKPOINT, ENCODER, METRICS, Trainer, TrainingDiverged, train
+from simclr.models import SimCLRModel
+from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, only_classes, train
 from tests.conftest import TINY
+from tests.simclr.test_checkpoint import Payload
 
 
 def _cfg(folder: Path, out: Path, **changes) -> TrainConfig:
@@ -22,11 +27,24 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return safe_load(path)["model"]
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(image_folder: Path, tmp_path: Path) -> None:
-    straight = train(_cfg(image_folder, tmp_path / "a", epochs=2))
-    # Stop after one epoch of a two-epoch run (as an interruption would), then resume.
-    Trainer(_cfg(image_folder, tmp_path / "b", epochs=2)).fit(until_epoch=1)
-    resumed = train(_cfg(image_folder, tmp_path / "b", epochs=2), resume=True)
+@pytest.fixture(scope="module")
+def half_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-epoch run stopped after its first epoch, as an interruption leaves it (read-only:
+    tests take a copy from :func:`interrupted`)."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    Trainer(_cfg(image_folder, out, epochs=2)).fit(until_epoch=1)
+    return out
+
+
+@pytest.fixture
+def interrupted(half_run: Path, tmp_path: Path) -> Path:
+    """This test's own copy of :func:`half_run`."""
+    return Path(shutil.copytree(half_run, tmp_path / "run"))
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(image_folder: Path, interrupted: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(image_folder, tmp_path / "straight", epochs=2))
+    resumed = train(_cfg(image_folder, interrupted, epochs=2), resume=True)
     assert resumed.epochs == 2 and resumed.steps == straight.steps
     a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
     assert a.keys() == b.keys()
@@ -35,14 +53,12 @@ def test_resume_gives_the_same_weights_as_a_straight_run(image_folder: Path, tmp
 
 
 def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_folder: Path) -> None:
-    from simclr.data import load_folder
-
     run = tiny_encoder.parent
-    for name in (CHECKPOINT, ENCODER, METRICS, "curves.png"):
+    for name in (CHECKPOINT, ENCODER_FILE, METRICS, "curves.png"):
         assert (run / name).stat().st_size > 0, name
     epochs = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     losses = [r["loss"] for r in epochs if r["kind"] == "epoch"]
-    assert len(losses) == 12
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     # NT-Xent of embeddings that carry no information is log(2N - 1) for a batch of N.
     assert losses[-1] < math.log(2 * 16 - 1) - 0.3
     enc = Encoder.load(tiny_encoder)
@@ -54,21 +70,42 @@ def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_fol
 
 def test_knn_monitor_runs_on_folder_holdout(image_folder: Path, tmp_path: Path) -> None:
     result = train(_cfg(image_folder, tmp_path, knn_every=1, knn_k=5))
+    assert math.isfinite(result.final_loss)
+    # Every tenth of the 48 images is a query: the accuracy is a count out of 5.
     assert result.knn_top1 is not None and 0 <= result.knn_top1 <= 1
+    assert result.knn_top1 * 5 == pytest.approx(round(result.knn_top1 * 5))
 
 
-def test_existing_run_is_not_overwritten(image_folder: Path, tmp_path: Path) -> None:
-    train(_cfg(image_folder, tmp_path))
-    before = (tmp_path / CHECKPOINT).read_bytes()
+def test_existing_run_is_not_overwritten(image_folder: Path, interrupted: Path) -> None:
+    before = (interrupted / CHECKPOINT).read_bytes()
     with pytest.raises(SimCLRError, match="--resume"):
-        train(_cfg(image_folder, tmp_path))
-    assert (tmp_path / CHECKPOINT).read_bytes() == before
+        train(_cfg(image_folder, interrupted, epochs=2))
+    assert (interrupted / CHECKPOINT).read_bytes() == before
 
 
-def test_resume_with_another_configuration_is_refused(image_folder: Path, tmp_path: Path) -> None:
-    train(_cfg(image_folder, tmp_path))
+def test_resume_with_another_configuration_is_refused(image_folder: Path, interrupted: Path) -> None:
     with pytest.raises(SimCLRError, match="another configuration.*width"):
-        train(_cfg(image_folder, tmp_path, width=16), resume=True, explicit={"width"})
+        train(_cfg(image_folder, interrupted, epochs=2, width=16), resume=True, explicit={"width"})
+
+
+def test_a_checkpoint_that_does_not_load_gives_one_line_even_without_a_message(
+    image_folder: Path, interrupted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(self, *args, **kwargs):
+        raise RuntimeError()  # an error with an empty message
+
+    monkeypatch.setattr(SimCLRModel, "load_state_dict", fail)
+    with pytest.raises(SimCLRError) as err:
+        Trainer(_cfg(image_folder, interrupted, epochs=2), resume=True)
+    assert str(err.value) == f"{interrupted / CHECKPOINT} does not fit this model (RuntimeError)"
+
+
+def test_a_checkpoint_with_the_obsolete_workers_option_resumes(image_folder: Path, interrupted: Path) -> None:
+    state = safe_load(interrupted / CHECKPOINT)
+    state["config"] = {**state["config"], "workers": 4}  # as versions with a `workers` option saved it
+    torch.save(state, interrupted / CHECKPOINT)
+    trainer = Trainer(_cfg(image_folder, interrupted, epochs=2), resume=True)
+    assert trainer.epoch == 1 and not hasattr(trainer.cfg, "workers")
 
 
 def test_batch_larger_than_data_is_refused(image_folder: Path, tmp_path: Path) -> None:
@@ -87,95 +124,24 @@ def test_unknown_names_list_the_known_ones(image_folder: Path, tmp_path: Path, f
         train(_cfg(image_folder, tmp_path, **{field: value}))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("width", 0, "width must be >= 1, got 0"),
-    ("knn_temperature", 0.0, "knn temperature must be positive, got 0.0"),
-    ("log_every", 0, "log-every must be >= 1, got 0"),
-    ("lars_eta", -1.0, "LARS trust coefficient must be positive, got -1.0"),
-])
-def test_out_of_range_settings_are_named(field: str, value: object, message: str) -> None:
-    with pytest.raises(SimCLRError, match=message):
-        TrainConfig(**{field: value}).validate()
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    Trainer(_cfg(image_folder, tmp_path, epochs=2)).fit(until_epoch=1)
-    good = (tmp_path / CHECKPOINT).read_bytes()
-    trainer = Trainer(_cfg(image_folder, tmp_path, epochs=2), resume=True)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder: Path, interrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = (interrupted / CHECKPOINT).read_bytes()
+    trainer = Trainer(_cfg(image_folder, interrupted, epochs=2), resume=True)
     original = trainer.train_step
     monkeypatch.setattr(trainer, "train_step", lambda x, g: original(x, g) * math.nan)
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         trainer.fit()
-    assert (tmp_path / CHECKPOINT).read_bytes() == good
+    assert (interrupted / CHECKPOINT).read_bytes() == good
 
 
-def test_unknown_config_keys_are_named() -> None:
-    with pytest.raises(SimCLRError, match="colour, speed"):
-        TrainConfig.from_dict({"speed": 1, "colour": 2})
-
-
-def test_encoder_file_round_trips(tiny_encoder: Path, image_folder: Path) -> None:
-    enc = Encoder.load(tiny_encoder)
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    again = Encoder.load(tiny_encoder)
-    assert torch.equal(enc.embed(x), again.embed(x))
-    assert enc.checksum == again.checksum and len(enc.checksum) == 64
-
-
-def test_training_checkpoint_is_not_an_encoder(tiny_encoder: Path) -> None:
-    with pytest.raises(SimCLRError, match="training checkpoint"):
-        Encoder.load(tiny_encoder.parent / CHECKPOINT)
-
-
-class _Payload:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_pickled_code_in_an_encoder_file_is_refused(tmp_path: Path) -> None:
+def test_pickled_code_in_a_checkpoint_is_refused_on_resume(image_folder: Path, interrupted: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    evil = tmp_path / "encoder.pt"
-    torch.save({"format": "simclr-encoder", "payload": _Payload(marker)}, evil)
+    state = torch.load(interrupted / CHECKPOINT, weights_only=True)
+    state["payload"] = Payload(marker)
+    torch.save(state, interrupted / CHECKPOINT)
     with pytest.raises(SimCLRError, match="refused for safety"):
-        Encoder.load(evil)
+        train(_cfg(image_folder, interrupted, epochs=2), resume=True)
     assert not marker.exists()
-
-
-def test_pickled_code_in_a_checkpoint_is_refused_on_resume(image_folder: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    cfg = TrainConfig(data=str(image_folder), out=str(run), **TINY)
-    train(cfg)
-    marker = tmp_path / "pwned"
-    state = torch.load(run / CHECKPOINT, weights_only=True)
-    state["payload"] = _Payload(marker)
-    torch.save(state, run / CHECKPOINT)
-    with pytest.raises(SimCLRError, match="refused for safety"):
-        train(TrainConfig(data=str(image_folder), out=str(run), **{**TINY, "epochs": 2}), resume=True)
-    assert not marker.exists()
-
-
-def test_knn_matches_brute_force() -> None:
-    g = torch.Generator().manual_seed(0)
-    gallery = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=1)
-    labels = torch.randint(0, 4, (200,), generator=g)
-    queries = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=1)
-    q_labels = torch.randint(0, 4, (30,), generator=g)
-    k, t = 7, 0.1
-    result = knn_evaluate(queries, q_labels, gallery, labels, 4, k, t)
-    correct = 0
-    for i in range(30):
-        sims = [(float(queries[i] @ gallery[j]), j) for j in range(200)]
-        sims.sort(reverse=True)
-        votes = [0.0] * 4
-        for s, j in sims[:k]:
-            votes[int(labels[j])] += math.exp(s / t)
-        correct += int(max(range(4), key=lambda c: votes[c]) == int(q_labels[i]))
-    assert result.top1 == pytest.approx(correct / 30)
 
 
 def test_a_bf16_step_on_the_cpu_matches_fp32(image_folder: Path, tmp_path: Path) -> None:
@@ -196,23 +162,34 @@ def test_a_bf16_step_on_the_cpu_matches_fp32(image_folder: Path, tmp_path: Path)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.8
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "is not a PyTorch file \\(it is empty\\)"),
-        (b"# A README\n", "is not a PyTorch file \\(it is something else: it starts with b'# A "),
-        (b"PK\x03\x04 not really a zip", "cannot be loaded: it is truncated or corrupt"),
-    ],
-)
-def test_a_file_that_is_not_an_encoder_is_named_for_what_it_is(tmp_path: Path, content: bytes, message: str) -> None:
-    path = tmp_path / "encoder.pt"
-    path.write_bytes(content)
-    with pytest.raises(SimCLRError, match=message):
-        Encoder.load(path)
+# ----------------------------------------------------------------------------- some classes only
+
+def test_only_classes_keeps_the_images_of_those_classes(image_folder: Path) -> None:
+    data = load_folder(image_folder, size=16)
+    bars = only_classes(data, ["bars"])
+    expected = [r for r in data.refs if Path(r).parent.name == "bars"]
+    assert bars.refs == expected and len(expected) == 16
+    assert bars.labels.tolist() == [data.classes.index("bars")] * 16
+    assert torch.equal(bars.images, load_folder(image_folder / "bars", size=16).images)
+    two = only_classes(data, ["stripes", "bars"])
+    assert sorted(two.refs) == sorted(r for r in data.refs if Path(r).parent.name in ("bars", "stripes"))
 
 
-def test_a_truncated_encoder_file_is_named(tiny_encoder: Path, tmp_path: Path) -> None:
-    cut = tmp_path / "encoder.pt"
-    cut.write_bytes(tiny_encoder.read_bytes()[:3000])
-    with pytest.raises(SimCLRError, match="encoder.pt cannot be loaded: it is truncated or corrupt"):
-        Encoder.load(cut)
+def test_only_classes_refuses_unknown_classes_and_unlabelled_data(image_folder: Path) -> None:
+    data = load_folder(image_folder, size=16)
+    with pytest.raises(SimCLRError) as err:
+        only_classes(data, ["bars", "cats"])
+    assert str(err.value) == f"{image_folder} has no class 'cats'; known: bars, checks, stripes"
+    unlabelled = load_folder(image_folder / "bars", size=16)
+    with pytest.raises(SimCLRError, match="has no labels, so it cannot be narrowed to classes bars"):
+        only_classes(unlabelled, ["bars"])
+
+
+def test_training_on_one_class_sees_only_its_images(image_folder: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(image_folder, tmp_path, classes=["checks"]))
+    assert torch.equal(trainer.images, load_folder(image_folder / "checks", size=16).images)
+    result = trainer.fit()
+    assert result.steps == 1  # 16 images of the class, batches of 16 (the whole folder: 3 steps)
+    assert safe_load(result.checkpoint)["config"]["classes"] == ["checks"]
+    with pytest.raises(SimCLRError, match="has no class 'dogs'; known: bars, checks, stripes"):
+        Trainer(_cfg(image_folder, tmp_path / "other", classes=["dogs"]))

@@ -106,7 +106,7 @@ def test_training_writes_a_whitened_encoder_and_the_monitor_uses_it(image_folder
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from simclr.data import load_folder
     from simclr.knn import knn_evaluate
-    from simclr.train import ENCODER
+    from simclr.encoder import ENCODER_FILE as ENCODER
 
     monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.5)  # 48 images, 64-d features
     result = train(TrainConfig(data=str(image_folder), out=str(tmp_path / "w"), **{**TINY, "knn_every": 1, "knn_k": 5}))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appserver import CHROMIUM, CHROMIUM_ARGS, serve
+from retrieval.web.launcher import CHROMIUM, CHROMIUM_ARGS, serve
 
 pytestmark = [
     pytest.mark.browser,

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError
 from retrieval.errors import RetrievalError
 from simclr.data import load_images, parse_source
-from simclr.errors import SimCLRError
 from simclr.images import open_image
 
 THUMBNAIL = 192
@@ -41,7 +41,7 @@ class ItemImages:
         for source in sources:
             try:
                 spec = parse_source(source)
-            except SimCLRError:
+            except UserError:
                 continue  # a folder that has moved: its files are simply not shown
             if spec.kind == "folder":
                 self.roots.append(spec.path.resolve())
@@ -92,7 +92,7 @@ class ItemImages:
             raise RetrievalError(f"item {item_id}: {ref} is outside the index's image folders; not served")
         try:
             im = open_image(path, channels=3)
-        except SimCLRError as exc:
+        except UserError as exc:
             raise RetrievalError(f"item {item_id}: {exc}") from None
         im.thumbnail((THUMBNAIL, THUMBNAIL))
         return im

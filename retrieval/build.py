@@ -1,4 +1,4 @@
-"""Building and appending index folders: embed a collection, index it, calibrate, save.
+"""Building and appending index folders: embed a collection, index it, calibrate, map, save.
 
 Under ``torchrun`` every rank embeds its share of the collection and writes it as a shard
 next to the output folder; rank 0 merges the shards in item order and writes the index.
@@ -18,12 +18,15 @@ import torch
 
 from index import IndexStore, Items
 from index.ann import DEFAULT_MEMORY_BUDGET
-from retrieval.anomaly import CALIBRATION_SAMPLE, DEFAULT_K, DEFAULT_PERCENTILE, Calibration, leave_one_out
+from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
+from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE, WHITENED, AnomalySpace, calibrate, stored_space
 from retrieval.embed import Embedded, embed_collection, merge, open_collection
+from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
-from retrieval.service import ENCODER_FILE, check_encoder, pick_device
+from retrieval.service import check_encoder
 from simclr import dist
-from simclr.encoder import Encoder
+from simclr.device import pick_device
+from simclr.encoder import ENCODER_FILE, Encoder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class IndexConfig:
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET / 2**30
     anomaly_k: int = DEFAULT_K
     percentile: float = DEFAULT_PERCENTILE
-    force: bool = False
+    anomaly_shrinkage: float = DEFAULT_SHRINKAGE
     progress: bool = True
 
 
@@ -58,20 +61,20 @@ class BuildReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     duplicates: int = 0
 
+    def skipped_lines(self, limit: int = 20) -> list[str]:
+        """One line per unreadable file (the first ``limit``)."""
+        out = [f"skipped: {reason}" for _, reason in self.failures[:limit]]
+        if len(self.failures) > limit:
+            out.append(f"skipped: ... and {len(self.failures) - limit} more")
+        return out
 
-def calibrate(store: IndexStore, k: int, percentile: float = DEFAULT_PERCENTILE, sample: int = CALIBRATION_SAMPLE, seed: int = 0) -> Calibration:
-    """Leave-one-out anomaly scores of (a sample of) the gallery's own items."""
-    n = store.manifest.count
-    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
-    if n < 2:
-        return Calibration(k, np.zeros(0, np.float32), percentile)
-    vectors = np.asarray(store.vectors[rows], dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    scores = []
-    for start in range(0, len(rows), 4096):
-        sims, ids = store.search(vectors[start : start + 4096], k + 1)
-        scores.append(leave_one_out(sims, ids, rows[start : start + 4096], min(k, n - 1)))
-    return Calibration(k, np.concatenate(scores), percentile)
+    def summary(self) -> str:
+        parts = [f"indexed {self.added} images into {self.out} ({self.total} in all, {self.factory})"]
+        if self.failures:
+            parts.append(f"{len(self.failures)} unreadable file(s) skipped")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} already indexed")
+        return "; ".join(parts) + f"; {self.seconds:.1f}s, {self.images_per_second:.0f} images/s"
 
 
 def build_index(cfg: IndexConfig) -> BuildReport | None:
@@ -91,15 +94,16 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         raise RetrievalError(f"threshold percentile must lie in (0, 100), got {cfg.percentile}")
     if cfg.batch_size < 1:
         raise RetrievalError(f"batch size must be >= 1, got {cfg.batch_size}")
+    if not cfg.anomaly_shrinkage > 0:
+        raise RetrievalError(f"anomaly shrinkage must be positive, got {cfg.anomaly_shrinkage}")
     if cfg.memory_budget_gb <= 0:
         raise RetrievalError(f"memory budget must be positive, got {cfg.memory_budget_gb} GB")
-    encoder_path = Path(cfg.encoder or out / ENCODER_FILE).expanduser()
     if not cfg.encoder and not cfg.append:
         raise RetrievalError("--encoder is needed to build a new index")
+    store = IndexStore.load(out) if cfg.append else None
+    encoder_path = Path(cfg.encoder).expanduser() if cfg.encoder else store.encoder_path
     encoder = Encoder.load(encoder_path, device)
-    store = None
-    if cfg.append:
-        store = IndexStore.load(out)
+    if store is not None:
         check_encoder(store, encoder, force=False)
     elif cfg.index_type != "auto":
         from index.ann import new_index
@@ -124,20 +128,14 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
                 embedded.vectors, embedded.items, encoder.checksum, _encoder_summary(encoder),
                 cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30),
             )
+            _fit_anomaly_space(store, embedded.features, cfg.anomaly_shrinkage)
         else:
             store.append(embedded.vectors, embedded.items, [coll.source])
-        cal = calibrate(store, cfg.anomaly_k, cfg.percentile)
-        store.arrays["calibration"] = cal.scores
-        for name in ("map_points", "map_basis"):  # the app's 2-D map is stale once items change
-            store.arrays.pop(name, None)
-        store.manifest.extra["calibration"] = {
-            "k": cal.k, "percentile": cal.percentile, "count": int(cal.scores.size),
-            "method": "leave-one-out", "threshold": cal.threshold,
-        }
-        store.manifest.extra["encoder_file"] = ENCODER_FILE
+            _append_anomaly_vectors(store, embedded.features)
         if added or not cfg.append:
+            _calibrate_and_map(store, encoder, cfg)
             # The encoder travels with the index, so that the folder is self-contained.
-            store.save(out, files={ENCODER_FILE: encoder_path})
+            store.save(out, encoder_file=encoder_path)
         seconds = time.perf_counter() - start
         return BuildReport(
             out=out, added=added, total=store.manifest.count, factory=store.manifest.factory, seconds=seconds,
@@ -148,13 +146,57 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         dist.barrier()
 
 
-def _encoder_summary(encoder: Encoder) -> dict:
+def _fit_anomaly_space(store: IndexStore, features: np.ndarray, shrinkage: float) -> None:
+    """Fit the anomaly space on the new gallery's raw features and store its items' vectors in it."""
+    space = AnomalySpace.fit(features, shrinkage)
+    info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage)
+    store.arrays[info.vectors] = space.transform(features).astype(np.float16)
+    if space.kind == WHITENED:
+        store.arrays[info.mean], store.arrays[info.matrix] = space.mean, space.matrix
+    store.manifest.anomaly = info
+    log.info("anomaly space: %s", space.describe())
+
+
+def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> None:
+    """New items go into the space fit at build time (as new vectors go into trained IVF lists)."""
+    space = stored_space(store)
+    if space is None:
+        log.warning("%s was built before anomaly spaces existed: its anomaly scores stay cosine distances on the "
+                    "search vectors; rebuild it (without --append) for scores that hold on one-kind collections",
+                    store.path)
+        return
+    name = store.manifest.anomaly.vectors
+    store.arrays[name] = np.concatenate([np.asarray(store.arrays[name]), space.transform(features).astype(np.float16)])
+
+
+def _calibrate_and_map(store: IndexStore, encoder: Encoder, cfg: IndexConfig) -> None:
+    """The arrays fit on the whole gallery: the anomaly calibration and the app's 2-D map."""
+    if store.manifest.anomaly is not None:
+        from index.ann import L2Table
+
+        vectors = store.arrays[store.manifest.anomaly.vectors]
+        cal = calibrate(store, cfg.anomaly_k, cfg.percentile, L2Table(vectors), vectors)
+        metric = "euclidean"
+    else:
+        cal, metric = calibrate(store, cfg.anomaly_k, cfg.percentile), "cosine"
+    info = CalibrationInfo(k=cal.k, percentile=cal.percentile, count=int(cal.scores.size), threshold=cal.threshold,
+                           metric=metric)
+    store.arrays[info.array] = cal.scores
+    store.manifest.calibration = info
+    unwhiten = encoder.unwhitening()
+    emap = EmbeddingMap.fit(store.vectors, None if unwhiten is None else unwhiten.numpy())
+    m = MapInfo()
+    store.arrays[m.points], store.arrays[m.basis] = emap.points, emap.basis
+    store.manifest.map = m
+
+
+def _encoder_summary(encoder: Encoder) -> EncoderInfo:
     spec = encoder.spec
-    return {
-        "arch": spec.arch, "stem": spec.stem, "width": spec.width, "in_channels": spec.in_channels,
-        "image_size": spec.image_size, "feature_dim": spec.feature_dim, "trained_on": spec.trained_on,
-        "source_path": str(encoder.path.resolve()) if encoder.path else None,
-    }
+    return EncoderInfo(
+        arch=spec.arch, stem=spec.stem, width=spec.width, in_channels=spec.in_channels,
+        image_size=spec.image_size, feature_dim=spec.feature_dim, trained_on=spec.trained_on,
+        source_path=str(encoder.path.resolve()) if encoder.path else None, file=ENCODER_FILE,
+    )
 
 
 def _gather(part: Embedded, out: Path) -> Embedded:
@@ -163,7 +205,7 @@ def _gather(part: Embedded, out: Path) -> Embedded:
     shard_dir = out.parent / f".{out.name}.shards-{run}"
     shard_dir.mkdir(parents=True, exist_ok=True)
     r = dist.rank()
-    np.savez(shard_dir / f"rank-{r}.npz", vectors=part.vectors, positions=part.positions)
+    np.savez(shard_dir / f"rank-{r}.npz", vectors=part.vectors, positions=part.positions, features=part.features)
     part.items.write(shard_dir / f"rank-{r}.items.jsonl")
     (shard_dir / f"rank-{r}.json").write_text(json.dumps({"failures": part.failures, "duplicates": part.duplicates}))
     dist.barrier()
@@ -174,7 +216,7 @@ def _gather(part: Embedded, out: Path) -> Embedded:
         arrays = np.load(shard_dir / f"rank-{r}.npz")
         meta = json.loads((shard_dir / f"rank-{r}.json").read_text())
         parts.append(Embedded(
-            arrays["vectors"], Items.read(shard_dir / f"rank-{r}.items.jsonl"), arrays["positions"],
+            arrays["vectors"], Items.read(shard_dir / f"rank-{r}.items.jsonl"), arrays["positions"], arrays["features"],
             [tuple(f) for f in meta["failures"]], meta["duplicates"],
         ))
     shutil.rmtree(shard_dir, ignore_errors=True)

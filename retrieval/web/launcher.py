@@ -1,4 +1,4 @@
-"""Start ``app.py`` as a real server process on a free localhost port, for the HTTP and browser
+"""Start the app as a real server process on a free localhost port, for the HTTP and browser
 tests, the app benchmark and the README screenshot; and the headless Chromium they drive."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own download needs the internet
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
@@ -35,9 +34,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(index: str | Path, log: Path, *args: str, device: str = "cpu", timeout: float = 120) -> Iterator[AppServer]:
-    """Run the app on ``index`` until the block ends, its output going to ``log``."""
+    """Run ``retrieval serve INDEX`` until the block ends, its output going to ``log``."""
     port = free_port()
-    with run_server([str(ROOT / "app.py"), "--index", str(index), "--port", str(port), "--device", device, *args],
+    with run_server(["-m", "retrieval", "serve", str(index), "--port", str(port), "--device", device, *args],
                     port, log, timeout) as server:
         yield server
 
@@ -47,7 +46,7 @@ def run_server(argv: list[str], port: int, log: Path, timeout: float = 120) -> I
     """Run ``python ARGV`` (a web server on ``port``) until the block ends, once it answers HTTP."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout

@@ -18,20 +18,19 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from index.errors import IndexStoreError
+from common.errors import UserError
+from retrieval.answers import Answer
+from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
-from retrieval.items import ItemImages
-from retrieval.mapplot import MapPlot
-from retrieval.projection import EmbeddingMap
-from retrieval.service import Answer, Options, Service
-from simclr.errors import SimCLRError
+from retrieval.service import Options, Service
+from retrieval.web.mapplot import MapPlot
+from retrieval.web.thumbnails import ItemImages
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 MAX_BATCH = 16
 CACHE_SECONDS = 3600
-USER_ERRORS = (SimCLRError, RetrievalError, IndexStoreError)
 
 HOW_TO_BUILD = """
 # No index yet
@@ -67,7 +66,7 @@ class SearchResult:
 class WebApp:
     """Handlers for one loaded index."""
 
-    def __init__(self, service: Service, map_points: int = 2000):
+    def __init__(self, service: Service, map_points: int = MAP_POINTS):
         self.service = service
         store = service.store
         self.thumbnails = Path(tempfile.mkdtemp(prefix="retrieval-thumbnails-"))
@@ -89,10 +88,10 @@ class WebApp:
                 results[i] = _message("Upload an image, or pick an example, to search.")
         if todo:
             queries = [images[i] for i in todo]
-            vectors, errors, items = self.service.embed(queries)
+            embedded = self.service.embed(queries)
             opts = Options(k=max(int(ks[i]) for i in todo), classify=bool(self.service.store.manifest.classes), anomaly=True)
-            answers = self.service.answer_vectors(["image"] * len(todo), vectors, errors, opts, items)
-            xy = self.embedding_map().project(vectors)
+            answers = self.service.answer_vectors(["image"] * len(todo), embedded, opts)
+            xy = self.embedding_map().project(embedded.vectors)
             for row, i in enumerate(todo):
                 results[i] = self._show(answers[row], int(ks[i]))
                 if answers[row].error is None:
@@ -106,7 +105,7 @@ class WebApp:
         for hit in answer.hits[:k]:
             try:
                 thumb = self.images.file(hit.id)
-            except USER_ERRORS as exc:
+            except UserError as exc:
                 log.warning("%s", exc)
                 thumb = self.placeholder
             name = Path(hit.ref).name if "/" in hit.ref else hit.ref
@@ -133,13 +132,15 @@ class WebApp:
         if len(chosen) < count:
             step = max(1, len(labels) // count)
             chosen += [i for i in range(0, len(labels), step) if i not in chosen][: count - len(chosen)]
-        out = []
+        out, ids = [], []
         for i in chosen:
             try:
                 out.append((self.images.image(i), labels[i] or Path(store.items.refs[i]).name))
-            except USER_ERRORS:
+            except UserError as exc:  # left out, and its id with it, so that the clicks stay aligned
+                log.warning("example %d left out: %s", i, exc)
                 continue
-        self.example_ids = [i for i in chosen][: len(out)]
+            ids.append(i)
+        self.example_ids = ids
         return out
 
     def map_image(self, position: tuple[float, float] | None) -> Image.Image:
@@ -153,16 +154,16 @@ class WebApp:
     def embedding_map(self) -> EmbeddingMap:
         if self._map is None:
             unwhiten = self.service.encoder.unwhitening()
-            self._map = EmbeddingMap.for_store(self.service.store, self._map_points,
-                                               unwhiten=None if unwhiten is None else unwhiten.numpy())
+            self._map = EmbeddingMap.of_store(self.service.store, None if unwhiten is None else unwhiten.numpy(),
+                                              self._map_points)
         return self._map
 
     def facts_markdown(self) -> str:
         f = self.service.facts()
-        sources = ", ".join(f"`{s}`" for s in f["sources"])
+        sources = ", ".join(f"`{s}`" for s in f.sources)
         return (
-            f"**{f['items']:,} images** · {f['classes']} classes · index `{f['index_type']}` ({f['dimension']}-d) · "
-            f"encoder {f['encoder']}, sha256 `{f['encoder_sha256'][:12]}` · sources {sources}"
+            f"**{f.items:,} images** · {f.classes} classes · index `{f.index_type}` ({f.dimension}-d) · "
+            f"encoder {f.encoder}, sha256 `{f.encoder_sha256[:12]}` · sources {sources}"
         )
 
     # ------------------------------------------------------------------ layout
@@ -193,7 +194,7 @@ class WebApp:
             def run(images: list, ks: list) -> tuple[list, list, list, list, list]:
                 try:
                     results = self.search(images, ks)
-                except USER_ERRORS as exc:
+                except UserError as exc:
                     raise gr.Error(str(exc)) from None
                 except Exception as exc:  # never a stack trace in the UI; the server keeps serving
                     log.exception("search failed")
@@ -211,7 +212,7 @@ class WebApp:
             def pick(ids: list[int], evt: gr.SelectData) -> Image.Image:
                 try:
                     return self.item_image(ids[evt.index])
-                except (IndexError, TypeError, *USER_ERRORS) as exc:
+                except (IndexError, TypeError, UserError) as exc:
                     raise gr.Error(f"cannot open that image: {exc}") from None
 
             chosen = gr.State(list(self.example_ids))
@@ -233,7 +234,7 @@ def _anomaly_text(answer: Answer) -> str:
     verdict = '<span style="color:#c0392b">● **UNUSUAL**</span>' if a.unusual else '<span style="color:#1e8449">● **normal**</span>'
     return (
         f"### Anomaly: {verdict}\n"
-        f"score **{a.score:.4f}** (mean cosine distance to the {a.k} nearest images)  \n"
+        f"score **{a.score:.4f}** (mean distance to the {a.k} nearest images)  \n"
         f"higher than **{a.percentile:.1f}%** of indexed images; threshold {a.threshold:.4f}"
     )
 
@@ -250,7 +251,7 @@ def build_app(index_dir: str | Path | None = None, device: str = "auto") -> tupl
     path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
     try:
         service = Service.open(path, device=device)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if index_dir is not None:
             raise
         return no_index_app(path, str(exc)), []

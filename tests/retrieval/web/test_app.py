@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app  # noqa: F401 - the front imports without serving
-from retrieval.service import Service
-from retrieval.webapp import WebApp, build_app, no_index_app, parse_auth
+from retrieval.service import Options, Service
+from retrieval.web import WebApp, build_app, no_index_app, parse_auth
 from retrieval.errors import RetrievalError
 
 
@@ -24,7 +23,9 @@ def test_search_shows_k_results_label_and_verdict(web: WebApp, image_folder: Pat
     assert Path(thumb).parent == web.thumbnails and Image.open(thumb).size == (32, 32)
     assert "checks_002.png" in caption and caption.startswith("1.000")
     assert r.label is not None and abs(sum(r.label.values()) - 1) < 1e-4
-    assert "Anomaly" in r.anomaly and ("normal" in r.anomaly or "unusual" in r.anomaly)
+    [answer] = web.service.ask([str(image_folder / "checks" / "checks_002.png")], Options(k=1, anomaly=True))
+    verdict = "**UNUSUAL**" if answer.anomaly.unusual else "**normal**"
+    assert "Anomaly" in r.anomaly and verdict in r.anomaly and f"{answer.anomaly.score:.4f}" in r.anomaly
     assert r.position is not None and all(np.isfinite(r.position))
 
 
@@ -54,15 +55,50 @@ def test_map_places_the_query(web: WebApp) -> None:
     # The star is the only black mark on the map.
     black = lambda im: int((im.max(axis=2) < 40).sum())  # noqa: E731
     assert black(shown) > black(empty) + 100
-    assert (web.service.store.path / "map_points.npy").exists()
+
+
+def test_serving_never_writes_into_the_index_folder(tiny_index: Path, image_folder: Path) -> None:
+    def listing() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in tiny_index.iterdir()}
+
+    before = listing()
+    assert "map_points.npy" in before and "map_basis.npy" in before  # the map is made at build time
+    web = WebApp(Service.open(tiny_index, device="cpu"), map_points=30)
+    web.build()
+    web.search([str(image_folder / "bars" / "bars_003.png")], [3])
+    web.map_image((0.0, 0.0))
+    assert listing() == before
+
+
+def test_an_example_that_fails_to_load_takes_its_id_with_it(web: WebApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval.web.thumbnails import ItemImages
+
+    original = ItemImages.image
+    first_ids = [i for i, _ in enumerate(web.service.store.items.labels)][:1]
+
+    def flaky(self: ItemImages, item_id: int) -> Image.Image:
+        if item_id in first_ids:
+            raise RetrievalError(f"item {item_id}: cannot read")
+        return original(self, item_id)
+
+    monkeypatch.setattr(ItemImages, "image", flaky)
+    monkeypatch.setattr(web.images, "_cache", type(web.images._cache)())
+    examples = web.examples(3)
+    labels = web.service.store.items.labels
+    # Each example's caption is the label of the item its click searches.
+    assert len(examples) == len(web.example_ids) == 2
+    assert [caption for _, caption in examples] == [labels[i] for i in web.example_ids]
 
 
 def test_files_outside_the_image_roots_are_not_served(web: WebApp, tmp_path: Path) -> None:
+    from retrieval.web.thumbnails import ItemImages
+
     secret = tmp_path / "secret.png"
     Image.new("RGB", (8, 8), "red").save(secret)
-    web.images.refs = [*web.images.refs, str(secret)]
+    store = web.service.store
+    images = ItemImages([*store.items.refs, str(secret)], store.manifest.sources)  # the shared fixture stays as it is
     with pytest.raises(RetrievalError, match="outside the index's image folders"):
-        web.item_image(len(web.images.refs) - 1)
+        images.image(len(images.refs) - 1)
 
 
 def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> None:
@@ -70,7 +106,8 @@ def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> No
     assert len(allowed) == 1 and "thumbnails" in allowed[0]
     assert "search" in {d.api_name for d in demo.fns.values() if d.api_name}
     page = no_index_app(tmp_path / "none", "not found")
-    assert page is not None
+    texts = [c.value for c in page.blocks.values() if hasattr(c, "value") and isinstance(c.value, str)]
+    assert any("bash scripts/demo.sh" in t and "not found" in t for t in texts)
     assert parse_auth("ann:secret") == ("ann", "secret")
     with pytest.raises(RetrievalError, match="user:password"):
         parse_auth("nocolon")
@@ -80,14 +117,13 @@ def test_map_of_a_whitened_index_is_the_pca_of_unwhitened_vectors(tiny_index: Pa
     import shutil
 
     from index import IndexStore
-    from retrieval.projection import BASIS, POINTS, EmbeddingMap
+    from retrieval.embedding_map import EmbeddingMap
 
     shutil.copytree(tiny_index, tmp_path / "idx")
     store = IndexStore.load(tmp_path / "idx")
-    store.arrays.pop(POINTS, None), store.arrays.pop(BASIS, None)
     d = store.manifest.dim
     unwhiten = np.random.default_rng(0).normal(size=(d, d)) * np.linspace(3, 0.1, d)
-    m = EmbeddingMap.for_store(store, max_points=48, unwhiten=unwhiten)
+    m = EmbeddingMap.fit(store.vectors, unwhiten, max_points=48)
     # Naive: undo the whitening, centre, take the top two right singular vectors.
     x = np.asarray(store.vectors, dtype=np.float64) @ unwhiten
     x -= x.mean(0)
@@ -96,3 +132,20 @@ def test_map_of_a_whitened_index_is_the_pca_of_unwhitened_vectors(tiny_index: Pa
     assert np.allclose(got, m.points[:, 1:3])
     for axis in range(2):  # the same axes, up to sign
         assert abs(np.corrcoef(got[:, axis], naive[m.points[:, 0].astype(int), axis])[0, 1]) > 0.999
+
+
+def test_app_py_holds_a_module_level_demo_and_serve_parses_its_flags(tiny_index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    import gradio as gr
+
+    monkeypatch.setenv("RETRIEVAL_INDEX", str(tiny_index))
+    monkeypatch.setenv("RETRIEVAL_DEVICE", "cpu")
+    sys.modules.pop("app", None)
+    app = importlib.import_module("app")  # what `gradio app.py` imports: no server starts
+    assert isinstance(app.demo, gr.Blocks) and "search" in {d.api_name for d in app.demo.fns.values() if d.api_name}
+    root = Path(app.__file__).parent
+    r = subprocess.run([sys.executable, str(root / "app.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--auth" in r.stdout and "Serve the web app" in r.stdout

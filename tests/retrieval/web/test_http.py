@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.appserver import serve
+from retrieval.web.launcher import serve
 
 USER, PASSWORD = "alice", "correct-horse"
 

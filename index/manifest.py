@@ -1,0 +1,157 @@
+"""The manifest of an index folder: a typed, versioned description of everything in it.
+
+``manifest.json`` is written by :meth:`IndexStore.save <index.store.IndexStore.save>` alone and
+read by everything else. Format 1 kept the calibration and the encoder's file name in an
+untyped ``extra`` bag; it is read and converted, and written back as format 2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from index.errors import IndexStoreError
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class EncoderInfo:
+    """The encoder the vectors were made with (its file travels in the folder)."""
+
+    arch: str = ""
+    stem: str = ""
+    width: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    feature_dim: int | None = None
+    trained_on: str = ""
+    source_path: str | None = None  # where the encoder was copied from
+    file: str = ""  # its copy in the folder (the writer chooses the name)
+
+
+@dataclass
+class CalibrationInfo:
+    """The anomaly calibration: leave-one-out scores of gallery items, in ``calibration.npy``."""
+
+    k: int
+    percentile: float
+    count: int
+    threshold: float
+    method: str = "leave-one-out"
+    array: str = "calibration"
+    metric: str = "cosine"  # "cosine" on the search vectors (format 1), or "euclidean" in the anomaly space
+
+
+@dataclass
+class AnomalyInfo:
+    """The space anomaly scores are measured in, fit on the gallery at build time: its kind
+    (``gallery-whitened`` or ``plain``), the items it was fit on, and the arrays holding the
+    items' vectors in it and (when whitened) its mean and matrix."""
+
+    space: str
+    fit_count: int
+    shrinkage: float | None = None
+    vectors: str = "anomaly_vectors"
+    mean: str = "anomaly_mean"
+    matrix: str = "anomaly_matrix"
+
+
+@dataclass
+class MapInfo:
+    """The gallery's 2-D map, computed at build time: ``points`` (m, 3) rows of item id, x, y;
+    ``basis`` (d + 1, 2) with ``[vector, 1] @ basis = (x, y)``."""
+
+    points: str = "map_points"
+    basis: str = "map_basis"
+
+
+def _typed(cls: type, data: Any, where: Path, name: str) -> Any:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise IndexStoreError(f"{where} is corrupt ({name} is not an object)")
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise IndexStoreError(f"{where} is corrupt ({name}: {exc})") from None
+
+
+@dataclass
+class Manifest:
+    """What an index folder holds and how it was made.
+
+    ``arrays`` names every ``<name>.npy`` beside the fixed files; the typed fields say what the
+    arrays mean.
+    """
+
+    dim: int
+    factory: str
+    count: int
+    encoder_sha256: str
+    encoder: EncoderInfo = field(default_factory=EncoderInfo)
+    metric: str = "inner_product"
+    sources: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    arrays: list[str] = field(default_factory=list)
+    calibration: CalibrationInfo | None = None
+    anomaly: AnomalyInfo | None = None
+    map: MapInfo | None = None
+    created_at: str = ""
+    updated_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise IndexStoreError(f"{where} is corrupt (invalid JSON: {exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise IndexStoreError(f"{where} is corrupt (expected a JSON object)")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise IndexStoreError(
+                f"{where}: index format version {version!r} is not supported (this version reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
+            )
+        if version == 1:
+            data = _from_version_1(data)
+        data["encoder"] = _typed(EncoderInfo, data.get("encoder") or {}, where, "encoder")
+        data["calibration"] = _typed(CalibrationInfo, data.get("calibration"), where, "calibration")
+        data["map"] = _typed(MapInfo, data.get("map"), where, "map")
+        data["anomaly"] = _typed(AnomalyInfo, data.get("anomaly"), where, "anomaly")
+        data["format_version"] = FORMAT_VERSION
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise IndexStoreError(f"{where} is corrupt ({exc})") from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: ``extra.calibration`` and ``extra.encoder_file`` become typed fields; a map
+    cached by the app (written after the folder, so not always listed) is not carried over."""
+    data = dict(data)
+    extra = data.pop("extra", None) or {}
+    cal = extra.get("calibration")
+    if isinstance(cal, dict):
+        data["calibration"] = {**cal, "array": "calibration"}
+    encoder = dict(data.get("encoder") or {})
+    encoder["file"] = extra.get("encoder_file", "encoder.pt")  # the one name format 1 used
+    data["encoder"] = encoder
+    data["arrays"] = [a for a in data.get("arrays", []) if a not in ("map_points", "map_basis")]
+    return data
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,57 @@
+"""What the service answers about one query: hits, a kNN label, an anomaly score.
+
+Plain dataclasses, so that the CLI prints them, ``--json`` dumps them and the web app shows them
+without knowing how they were computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    similarity: float
+    ref: str
+    label: str | None
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    probabilities: dict[str, float]
+    neighbours: int
+
+
+@dataclass
+class AnomalyScore:
+    score: float
+    percentile: float
+    threshold: float
+    unusual: bool
+    k: int
+
+    @property
+    def verdict(self) -> str:
+        return "unusual" if self.unusual else "normal"
+
+
+@dataclass
+class Answer:
+    """Everything the service says about one query; ``error`` is set when it could not be read."""
+
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+    prediction: Prediction | None = None
+    anomaly: AnomalyScore | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.anomaly is not None:
+            d["anomaly"]["verdict"] = self.anomaly.verdict
+        return {k: v for k, v in d.items() if v is not None}

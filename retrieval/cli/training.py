@@ -1,0 +1,153 @@
+"""Commands that make and judge encoders: ``train``, ``whiten``, ``knn-eval``, ``anomaly-eval``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retrieval.anomaly import DEFAULT_K as ANOMALY_K
+from retrieval.anomaly import DEFAULT_SHRINKAGE as ANOMALY_SHRINKAGE
+from retrieval.anomaly_eval import STRICT_EPOCHS
+from retrieval.cli.app import DeviceOpt, JsonOpt, app, echo_lines, handles_errors
+from simclr.knn import KNN_K, KNN_TEMPERATURE
+from simclr.whitening import DEFAULT_SHRINKAGE
+
+
+@app.command()
+@handles_errors
+def train(
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Option(help="fashion-mnist:train, cifar10:PATH:train, or a folder of images.")] = None,
+    classes: Annotated[Optional[list[str]], typer.Option("--class", help="Train on this class only (repeat for several; labelled sources).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder (checkpoint.pt, encoder.pt, metrics.jsonl, curves.png).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run saved in --out.")] = False,
+    arch: Annotated[Optional[str], typer.Option(help="Backbone: resnet18, resnet34, resnet50.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="standard (7x7/2 + max-pool) or small (3x3/1, no pool). Default: standard on CPU, small on GPU.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Channels of the first ResNet stage (64 is torchvision's).")] = None,
+    in_channels: Annotated[Optional[int], typer.Option(help="Input channels (default: the data's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Projection head: mlp, linear, none.")] = None,
+    head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the MLP head.")] = None,
+    head_out: Annotated[Optional[int], typer.Option(help="Output dimension of the head.")] = None,
+    head_depth: Annotated[Optional[int], typer.Option(help="Linear layers in the MLP head.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random, imagenet (download), or a path to torchvision weights.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: a ~10 minute budget on CPU, the full recipe on GPU).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (images; each gives two views).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="lars, sgd or adamw.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base learning rate, scaled with the batch size.")] = None,
+    lr_scaling: Annotated[Optional[str], typer.Option(help="linear (lr*B/256), sqrt (lr*sqrt(B)) or none.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (not on biases and norms).")] = None,
+    lars_eta: Annotated[Optional[float], typer.Option(help="LARS trust coefficient.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up length in epochs.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature.")] = None,
+    crop_min: Annotated[Optional[float], typer.Option(help="Smallest random-crop area (fraction).")] = None,
+    crop_max: Annotated[Optional[float], typer.Option(help="Largest random-crop area (fraction).")] = None,
+    jitter_strength: Annotated[Optional[float], typer.Option(help="Colour-jitter strength s.")] = None,
+    jitter_p: Annotated[Optional[float], typer.Option(help="Colour-jitter probability.")] = None,
+    grayscale_p: Annotated[Optional[float], typer.Option(help="Random-grayscale probability (colour data).")] = None,
+    blur_p: Annotated[Optional[float], typer.Option(help="Gaussian-blur probability.")] = None,
+    whiten: Annotated[Optional[bool], typer.Option("--whiten/--no-whiten", help="PCA-whiten the encoder's features (fit on training images).")] = None,
+    whiten_shrinkage: Annotated[Optional[float], typer.Option(help="Whitening shrinkage, a fraction of the largest eigenvalue.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU), fp32, bf16, fp16.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    knn_every: Annotated[Optional[int], typer.Option(help="kNN monitor every N epochs (0: never).")] = None,
+    knn_k: Annotated[Optional[int], typer.Option(help="Neighbours of the kNN monitor.")] = None,
+    knn_temperature: Annotated[Optional[float], typer.Option(help="Temperature of the kNN monitor.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log loss, learning rate and throughput every N steps.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar.")] = None,
+) -> None:
+    """Train a SimCLR encoder without labels (also under torchrun for several GPUs). Options left
+    out take TrainConfig's defaults for the device."""
+    from simclr import dist
+    from simclr.config import TrainConfig
+    from simclr.train import train as run
+
+    overrides = {k: v for k, v in ctx.params.items() if k != "resume" and v is not None}
+    cfg = TrainConfig.from_dict(overrides)
+    try:
+        result = run(cfg, resume=resume, explicit=set(overrides))
+    finally:
+        dist.shutdown()
+    if dist.is_main():
+        knn = f", kNN top-1 {100 * result.knn_top1:.2f}%" if result.knn_top1 is not None else ""
+        typer.echo(f"trained {result.epochs} epochs ({result.steps} steps), loss {result.final_loss:.4f}{knn}")
+        typer.echo(f"encoder: {result.encoder}")
+
+
+@app.command()
+@handles_errors
+def whiten(
+    encoder: Annotated[Path, typer.Argument(help="Encoder file (encoder.pt).")],
+    data: Annotated[str, typer.Option(help="Training images to fit the whitening on (fashion-mnist:train, a folder ...).")] = "fashion-mnist:train",
+    out: Annotated[Optional[Path], typer.Option(help="New encoder file (default: ENCODER-whitened.pt beside it).")] = None,
+    shrinkage: Annotated[float, typer.Option(help="Added to each eigenvalue, as a fraction of the largest.")] = DEFAULT_SHRINKAGE,
+    max_images: Annotated[Optional[int], typer.Option(help="Images sampled from --data to fit it (default 10,000, or 10 per feature dimension if more).")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Write a copy of an encoder whose embeddings are PCA-whitened (what training does by default);
+    for encoders trained with --no-whiten or before whitening existed. Indexes built with the old file
+    must be rebuilt."""
+    from simclr.rewhiten import rewhiten
+
+    target = rewhiten(encoder, data, out, shrinkage, max_images, remove, device)
+    typer.echo(f"{'unwhitened' if remove else 'whitened'} encoder: {target}")
+
+
+@app.command("knn-eval")
+@handles_errors
+def knn_eval(
+    encoder: Annotated[Optional[Path], typer.Option(help="Encoder file (encoder.pt).")] = None,
+    train: Annotated[str, typer.Option(help="Labelled gallery source.")] = "fashion-mnist:train",
+    test: Annotated[str, typer.Option(help="Labelled query source.")] = "fashion-mnist:test",
+    gallery_index: Annotated[Optional[Path], typer.Option(help="Use a labelled index folder as the gallery (instead of --encoder/--train).")] = None,
+    query_index: Annotated[Optional[Path], typer.Option(help="Use a labelled index folder as the queries.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours.")] = KNN_K,
+    temperature: Annotated[float, typer.Option("-t", "--temperature", help="Vote temperature.")] = KNN_TEMPERATURE,
+    linear_probe: Annotated[bool, typer.Option(help="Also train a linear classifier on the frozen features.")] = False,
+    confusion: Annotated[Optional[Path], typer.Option(help="Write a confusion-matrix PNG here.")] = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Weighted-kNN top-1/top-5 (Wu et al. 2018) of a labelled test split against a labelled train split."""
+    from retrieval.evaluate import knn_report
+
+    report = knn_report(encoder, train, test, gallery_index, query_index, k, temperature, linear_probe, confusion,
+                        device, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        echo_lines(report.lines())
+
+
+@app.command("anomaly-eval")
+@handles_errors
+def anomaly_eval(
+    protocol: Annotated[str, typer.Option(help="strict (an encoder trained per class, the default), shared-encoder or transductive.")] = "strict",
+    encoder: Annotated[Optional[Path], typer.Option(help="The encoder trained on the whole collection (shared-encoder, transductive).")] = None,
+    train: Annotated[str, typer.Option(help="Labelled source whose classes are the normal sets.")] = "fashion-mnist:train",
+    test: Annotated[str, typer.Option(help="Labelled query source.")] = "fashion-mnist:test",
+    work: Annotated[Optional[Path], typer.Option(help="strict: folder for the per-class encoders (an interrupted run continues).")] = None,
+    epochs: Annotated[int, typer.Option(help="strict: training epochs per class.")] = STRICT_EPOCHS,
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
+    shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
+    score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """One-class anomaly AUROC: each class in turn is normal, all other test images anomalies;
+    per-class and mean AUROC with the seconds each class took."""
+    from retrieval.anomaly_eval import evaluate_protocol
+
+    result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs, device=device,
+                               progress=not as_json, score=score)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        echo_lines(result.lines())

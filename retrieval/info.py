@@ -1,0 +1,77 @@
+"""Facts about an index folder, for ``retrieval info``, the app's header and the HTTP surface."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from index import IndexStore
+    from simclr.encoder import Encoder
+
+
+@dataclass
+class IndexFacts:
+    path: str
+    items: int
+    classes: int
+    index_type: str
+    dimension: int
+    metric: str
+    sources: list[str]
+    encoder: str  # e.g. "resnet18 (standard stem, 32px, 1ch, whitened)"
+    encoder_sha256: str
+    trained_on: str
+    created: str
+    updated: str
+    anomaly: str | None  # the calibration in words, None without one
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The facts as ``retrieval info`` prints them."""
+        out = [
+            f"index      {self.path}",
+            f"items      {self.items} ({self.classes} classes)",
+            f"type       {self.index_type}, {self.dimension}-d, {self.metric}",
+            f"encoder    {self.encoder}, sha256 {self.encoder_sha256[:16]}…",
+            f"trained on {self.trained_on or 'unknown'}",
+            f"sources    {', '.join(self.sources)}",
+        ]
+        if self.anomaly:
+            out.append(f"anomaly    {self.anomaly}")
+        out.append(f"created    {self.created}, updated {self.updated}")
+        return out
+
+
+def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
+    """The facts of a loaded index; the encoder's whitening is named when ``encoder`` is given."""
+    m = store.manifest
+    e = m.encoder
+    whitened = ", whitened" if encoder is not None and encoder.whitened else ""
+    cal = m.calibration
+    anomaly = None
+    if cal is not None:
+        anomaly = f"k={cal.k}, threshold {cal.threshold:.4f} at the {cal.percentile:g}th percentile of {cal.count} items"
+        from retrieval.anomaly import stored_space
+
+        space = stored_space(store)
+        anomaly += "; " + (space.describe() if space is not None else
+                           "mean cosine distance on the search vectors (built before anomaly spaces: rebuild for "
+                           "scores that hold on one-kind collections)")
+    return IndexFacts(
+        path=str(store.path), items=m.count, classes=len(m.classes), index_type=m.factory, dimension=m.dim,
+        metric=m.metric, sources=list(m.sources),
+        encoder=f"{e.arch or '?'} ({e.stem or '?'} stem, {e.image_size or '?'}px, {e.in_channels or '?'}ch{whitened})",
+        encoder_sha256=m.encoder_sha256, trained_on=e.trained_on, created=m.created_at, updated=m.updated_at,
+        anomaly=anomaly,
+    )
+
+
+def describe_folder(path: str | Path) -> IndexFacts:
+    """The facts of an index folder (the encoder is not loaded)."""
+    from index import IndexStore
+
+    return describe(IndexStore.load(path))
