@@ -27,7 +27,8 @@ try:
     m = json.loads(idx.read_text())
 except (OSError, ValueError):
     print("no"); sys.exit()
-ok = m.get("encoder_sha256") == hashlib.sha256(enc.read_bytes()).hexdigest() and m.get("count", 0) >= 70000
+# An index from before anomaly spaces (no "anomaly" entry) is rebuilt.
+ok = m.get("encoder_sha256") == hashlib.sha256(enc.read_bytes()).hexdigest() and m.get("count", 0) >= 70000 and m.get("anomaly")
 print("yes" if ok else "no")
 PY
 )

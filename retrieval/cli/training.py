@@ -138,6 +138,7 @@ def anomaly_eval(
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
+    only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -146,7 +147,7 @@ def anomaly_eval(
     from retrieval.anomaly_eval import evaluate_protocol
 
     result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs, device=device,
-                               progress=not as_json, score=score)
+                               progress=not as_json, score=score, only=only)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -214,6 +214,9 @@ def test_shared_encoder_protocol_scores_with_both_scores(image_folder: Path, tin
         result = json.loads(r.output[r.output.index("{"):])
         # Three textures an encoder was trained on: well above chance (0.5) either way.
         assert result["score"] == score and result["mean_auroc"] > 0.65, result
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
+            "--test", image_folder, "-k", 3, "--class", "bars", "--json")
+    assert r.exit_code == 0 and list(json.loads(r.output[r.output.index("{"):])["per_class"]) == ["bars"]
 
 
 def test_a_dangling_symlink_is_reported_under_its_own_name(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:

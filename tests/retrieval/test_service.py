@@ -145,3 +145,31 @@ def test_an_other_k_is_calibrated_at_the_index_percentile(tiny_encoder: Path, im
     expected = calibrate(service.store, 3, 80.0, *space).threshold
     assert a.anomaly.k == 3 and a.anomaly.threshold == pytest.approx(expected)
     assert a.anomaly.threshold != pytest.approx(calibrate(service.store, 3, 99.0, *space).threshold)
+
+
+def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path) -> None:
+    """Service wiring of the anomaly space: a gallery of one kind of thing, queries that are
+    either more of it or far from its mean; leave-one-out calibration in the same space."""
+    from retrieval.build import _fit_anomaly_space
+    from retrieval.anomaly import auroc
+    from tests.retrieval.test_anomaly import _one_kind
+
+    enc = Encoder.load(tiny_encoder)
+    d = enc.dim
+    feats, is_anomaly = _one_kind(seed=3, n=600, anomalies=20, dim=d)
+    gallery = feats[:400]  # normal items only
+    vecs = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    store = IndexStore.build(vecs, Items([f"g{i}" for i in range(400)], [None] * 400, [str(i) for i in range(400)]), enc.checksum)
+    _fit_anomaly_space(store, gallery, 1e-2)
+    service = Service(store, enc)
+    queries = feats[400:]
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    qv = QueryVectors(unit, service.space.transform(queries), [None] * len(queries), [None] * len(queries))
+    answers = service.answer_vectors([str(i) for i in range(len(queries))], qv, Options(k=1, anomaly=True))
+    scores = np.array([a.anomaly.score for a in answers])
+    assert auroc(scores, is_anomaly[400:]) > 0.97
+    flagged = np.array([a.anomaly.unusual for a in answers])
+    assert flagged[is_anomaly[400:]].mean() > 0.8 and flagged[~is_anomaly[400:]].mean() < 0.1
+    # An item asked about by id is scored leave-one-out, like the calibration.
+    [own] = service.ask(["id:7"], Options(k=1, anomaly=True))
+    assert own.anomaly.percentile < 100
