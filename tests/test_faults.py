@@ -17,7 +17,7 @@ import torch
 from index import IndexStore, IndexStoreError
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.errors import SimCLRError
-from tests.conftest import make_folder
+from tests.helpers import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

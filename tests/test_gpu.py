@@ -9,7 +9,7 @@ import torch
 from simclr.config import TrainConfig
 from simclr.encoder import Encoder
 from simclr.train import Trainer
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

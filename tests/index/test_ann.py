@@ -3,25 +3,8 @@ import pytest
 
 from index import ann
 from index.errors import IndexStoreError
+from tests.helpers import brute_force, clustered, unit
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, dim: int, seed: int = 0, centres: int = 50, queries: int = 0):
-    """Unit vectors around random centres: the structure real embeddings have. With
-    ``queries``, also that many more vectors from the same centres."""
-    rng = np.random.default_rng(seed)
-    c = rng.normal(size=(centres, dim))
-    x = unit(c[rng.integers(0, centres, n + queries)] + 0.35 * rng.normal(size=(n + queries, dim)))
-    return (x[:n], x[n:]) if queries else x
-
-
-def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    sims = queries @ base.T
-    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims, ids, 1), ids
 
 
 def test_flat_equals_brute_force() -> None:

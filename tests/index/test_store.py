@@ -8,7 +8,7 @@ import pytest
 from index import IndexStore, IndexStoreError, Items
 from index.folder import replace_folder
 from index.manifest import EncoderInfo
-from tests.index.test_ann import clustered
+from tests.helpers import clustered
 
 
 def _items(n: int, start: int = 0) -> Items:

@@ -3,6 +3,7 @@ import pytest
 
 from retrieval.anomaly import Calibration, auroc, knn_distance, leave_one_out
 from retrieval.errors import RetrievalError
+from tests.helpers import one_kind
 
 
 def naive_auroc(scores, labels) -> float:
@@ -61,17 +62,6 @@ def test_constructed_anomalies_are_found() -> None:
     assert auroc(scores, np.r_[np.zeros(50, bool), np.ones(50, bool)]) > 0.97
 
 
-def _one_kind(seed: int = 0, n: int = 400, anomalies: int = 12, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Raw features of a collection of one kind of thing (all near one mean, like pooled ReLU
-    features: positive, with a few strong directions) and a few items far from that mean along
-    the same directions: only their distance from the mean sets them apart, not their direction."""
-    rng = np.random.default_rng(seed)
-    scale = np.linspace(3.0, 0.2, dim)
-    mean = 10.0 + rng.random(dim)
-    normal = mean + rng.normal(size=(n, dim)) * scale
-    far = mean + rng.normal(size=(anomalies, dim)) * scale * 4.0
-    return np.vstack([normal, far]).astype(np.float32), np.r_[np.zeros(n, bool), np.ones(anomalies, bool)]
-
 
 def test_gallery_whitened_distance_finds_what_cosine_after_whitening_misses() -> None:
     """The index's anomaly space against the old score (cosine on features whitened on the same
@@ -79,7 +69,7 @@ def test_gallery_whitened_distance_finds_what_cosine_after_whitening_misses() ->
     from retrieval.anomaly import WHITENED, AnomalySpace, mean_distance
     from retrieval.anomaly_eval import knn_l2
 
-    feats, is_anomaly = _one_kind()
+    feats, is_anomaly = one_kind()
     space = AnomalySpace.fit(feats[~is_anomaly], shrinkage=1e-2)
     assert space.kind == WHITENED
     z = space.transform(feats)
@@ -95,7 +85,7 @@ def test_gallery_whitened_distance_finds_what_cosine_after_whitening_misses() ->
 def test_anomaly_space_is_a_whitening_of_the_gallery() -> None:
     from retrieval.anomaly import PLAIN, AnomalySpace
 
-    feats, _ = _one_kind(n=2000)
+    feats, _ = one_kind(n=2000)
     space = AnomalySpace.fit(feats, shrinkage=1e-6)
     z = space.transform(feats).astype(np.float64)
     assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(np.cov(z.T, bias=True), np.eye(16), atol=1e-3)

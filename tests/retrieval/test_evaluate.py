@@ -8,17 +8,14 @@ import torch
 from index import IndexStore, Items
 from retrieval.evaluate import LabelledFeatures, features_from_store, knn_eval, knn_eval_index
 from simclr.knn import canonical_topk
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from tests.helpers import unit
 
 
 def _tied_gallery(seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Groups of identical vectors whose members carry different labels: wherever the k-th
     place falls inside a group, which members are kept decides the vote."""
     rng = np.random.default_rng(seed)
-    base = _unit(rng.normal(size=(40, 12)))
+    base = unit(rng.normal(size=(40, 12)))
     vectors = np.repeat(base, 6, axis=0)
     labels = [["a", "b", "c"][i % 3] for i in range(len(vectors))]
     order = rng.permutation(len(vectors))
@@ -28,7 +25,7 @@ def _tied_gallery(seed: int = 0) -> tuple[np.ndarray, list[str]]:
 def test_canonical_topk_matches_a_naive_sort() -> None:
     rng = np.random.default_rng(1)
     gallery, _ = _tied_gallery()
-    queries = _unit(rng.normal(size=(25, 12)))
+    queries = unit(rng.normal(size=(25, 12)))
     cand = torch.from_numpy(rng.permuted(np.tile(np.arange(len(gallery)), (25, 1)), axis=1)[:, :60])
     sims, idx = canonical_topk(torch.from_numpy(queries), torch.from_numpy(gallery), cand, 7)
     for q in range(25):
@@ -42,7 +39,7 @@ def test_index_path_equals_torch_path_through_ties(tmp_path: Path) -> None:
     store.save(tmp_path / "gallery")
     rng = np.random.default_rng(2)
     # Queries at the group vectors themselves, and near them: many ties straddle the k-th place.
-    queries = np.vstack([gallery[:60], _unit(gallery[60:120] + 0.01 * rng.normal(size=(60, 12)))])
+    queries = np.vstack([gallery[:60], unit(gallery[60:120] + 0.01 * rng.normal(size=(60, 12)))])
     q_labels = torch.from_numpy(rng.integers(0, 3, len(queries)))
     q = LabelledFeatures(torch.from_numpy(queries), q_labels, ["a", "b", "c"], "queries")
     loaded = IndexStore.load(tmp_path / "gallery")

@@ -152,11 +152,11 @@ def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path)
     either more of it or far from its mean; leave-one-out calibration in the same space."""
     from retrieval.build import _fit_anomaly_space
     from retrieval.anomaly import auroc
-    from tests.retrieval.test_anomaly import _one_kind
+    from tests.helpers import one_kind
 
     enc = Encoder.load(tiny_encoder)
     d = enc.dim
-    feats, is_anomaly = _one_kind(seed=3, n=600, anomalies=20, dim=d)
+    feats, is_anomaly = one_kind(seed=3, n=600, anomalies=20, dim=d)
     gallery = feats[:400]  # normal items only
     vecs = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     store = IndexStore.build(vecs, Items([f"g{i}" for i in range(400)], [None] * 400, [str(i) for i in range(400)]), enc.checksum)

@@ -7,16 +7,8 @@ import torch
 
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.errors import SimCLRError
+from tests.helpers import Payload
 
-
-class Payload:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_a_round_trip_keeps_tensors_and_plain_data(tmp_path: Path) -> None:

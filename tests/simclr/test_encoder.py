@@ -10,7 +10,7 @@ from simclr.checkpoint import file_sha256, safe_load
 from simclr.encoder import Encoder
 from simclr.errors import SimCLRError
 from simclr.train import CHECKPOINT
-from tests.simclr.test_checkpoint import Payload
+from tests.helpers import Payload
 
 
 def test_encoder_file_round_trips(tiny_encoder: Path, tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.errors import SimCLRError
 from simclr.models import SimCLRModel
 from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, only_classes, train
-from tests.conftest import TINY
-from tests.simclr.test_checkpoint import Payload
+from tests.helpers import TINY
+from tests.helpers import Payload
 
 
 def _cfg(folder: Path, out: Path, **changes) -> TrainConfig:

@@ -14,7 +14,7 @@ from simclr.encoder import Encoder, embed_images
 from simclr.errors import SimCLRError
 from simclr.train import train
 from simclr.whitening import fit_whitening
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _correlated(n: int = 4000, d: int = 6, seed: int = 0) -> np.ndarray:
