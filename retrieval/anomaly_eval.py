@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, AnomalySpace, auroc, knn_distance, mean_distance
 from retrieval.errors import RetrievalError
+from retrieval.options import STRICT_EPOCHS
 from simclr.data import ImageData, load_images
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("strict", "shared-encoder", "transductive")
 SCORES = ("index", "cosine")  # cosine: the score of indexes built before anomaly spaces (the old method)
-STRICT_EPOCHS = 8  # per class; about 2.5 minutes of a 2-core CPU for 6,000 Fashion-MNIST images
 
 
 @dataclass

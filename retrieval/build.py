@@ -17,37 +17,18 @@ import numpy as np
 import torch
 
 from index import IndexStore, Items
-from index.ann import DEFAULT_MEMORY_BUDGET
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
-from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE, WHITENED, AnomalySpace, calibrate, stored_space
+from retrieval.anomaly import WHITENED, AnomalySpace, calibrate, stored_space
 from retrieval.embed import Embedded, embed_collection, merge, open_collection
 from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
+from retrieval.options import IndexConfig
 from retrieval.service import check_encoder
 from simclr import dist
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexConfig:
-    """Options of ``retrieval index``."""
-
-    source: str
-    out: str
-    encoder: str | None = None
-    index_type: str = "auto"
-    append: bool = False
-    batch_size: int = 256
-    workers: int | None = None
-    device: str = "auto"
-    memory_budget_gb: float = DEFAULT_MEMORY_BUDGET / 2**30
-    anomaly_k: int = DEFAULT_K
-    percentile: float = DEFAULT_PERCENTILE
-    anomaly_shrinkage: float = DEFAULT_SHRINKAGE
-    progress: bool = True
 
 
 @dataclass

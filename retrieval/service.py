@@ -34,42 +34,16 @@ from retrieval.anomaly import (
 from retrieval.answers import AnomalyScore, Answer, Hit, Prediction
 from retrieval.errors import RetrievalError
 from retrieval.info import IndexFacts, describe
+from retrieval.options import Options
 from retrieval.queries import Unreadable
 from simclr.device import pick_device
 from simclr.encoder import Encoder
 from simclr.images import image_to_tensor, read_image
-from simclr.knn import KNN_K, KNN_TEMPERATURE, weighted_vote
+from simclr.knn import weighted_vote
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "QueryVectors", "Service", "check_encoder"]
-
-
-@dataclass
-class Options:
-    """What to answer and with which parameters (the CLI's and the app's defaults are these)."""
-
-    k: int = 10
-    classify: bool = False
-    knn_k: int = KNN_K
-    temperature: float = KNN_TEMPERATURE
-    anomaly: bool = False
-    anomaly_k: int | None = None  # None: the index's calibrated k
-    percentile: float | None = None  # None: the index's calibrated percentile
-    nprobe: int | None = None
-    ef_search: int | None = None
-
-    def check(self) -> None:
-        for name in ("k", "knn_k"):
-            if getattr(self, name) < 1:
-                raise RetrievalError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.anomaly_k is not None and self.anomaly_k < 1:
-            raise RetrievalError(f"anomaly k must be >= 1, got {self.anomaly_k}")
-        if self.temperature <= 0:
-            raise RetrievalError(f"temperature must be positive, got {self.temperature}")
-        for name in ("nprobe", "ef_search"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RetrievalError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

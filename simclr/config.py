@@ -11,7 +11,7 @@ import torch
 
 from simclr.augment import AugmentConfig
 from simclr.errors import SimCLRError
-from simclr.knn import KNN_K, KNN_TEMPERATURE
+from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
 from simclr.whitening import DEFAULT_SHRINKAGE

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from simclr.errors import SimCLRError
-
-# The weighted-kNN settings of Wu et al. 2018, used everywhere a default is needed.
-KNN_K = 200
-KNN_TEMPERATURE = 0.07
+from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
 
 def weighted_vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from simclr.whitening import DEFAULT_SHRINKAGE
 
 
 def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | Path | None = None,
-             shrinkage: float = DEFAULT_SHRINKAGE, max_images: int | None = None, remove: bool = False,
+             shrinkage: float | None = None, max_images: int | None = None, remove: bool = False,
              device: str = "auto") -> Path:
     """Write a copy of ``encoder`` whitened on images of ``data`` (or, with ``remove``, without any
     whitening); returns the new file (default: ``NAME-whitened.pt`` / ``NAME-plain.pt`` beside it).
@@ -37,6 +37,7 @@ def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | 
         enc.set_whitening(None, None)
     else:
         images = load_images(data, size=enc.spec.image_size, channels=enc.spec.in_channels)
-        enc.fit_whitening(match_channels(images.images, enc.spec.in_channels), max_images=max_images, shrinkage=shrinkage)
+        enc.fit_whitening(match_channels(images.images, enc.spec.in_channels), max_images=max_images,
+                          shrinkage=DEFAULT_SHRINKAGE if shrinkage is None else shrinkage)
     enc.save(target)
     return target

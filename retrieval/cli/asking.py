@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from retrieval.cli.app import DeviceOpt, IndexArg, app, handles_errors
-from retrieval.service import Options
+from retrieval.options import Options
 
 ImagesArg = Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, or item ids (id:N).")]
 FromFile = Annotated[Optional[Path], typer.Option(help="Read queries, one per line, from this file ('-': stdin).")]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.build import IndexConfig
+from retrieval.options import IndexConfig
 from retrieval.cli.app import DeviceOpt, app, echo_lines, handles_errors
 
 DEFAULT_INDEX = Path("runs/fashion-mnist/index")

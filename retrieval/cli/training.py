@@ -10,10 +10,9 @@ import typer
 
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import DEFAULT_SHRINKAGE as ANOMALY_SHRINKAGE
-from retrieval.anomaly_eval import STRICT_EPOCHS
 from retrieval.cli.app import DeviceOpt, JsonOpt, app, echo_lines, handles_errors
-from simclr.knn import KNN_K, KNN_TEMPERATURE
-from simclr.whitening import DEFAULT_SHRINKAGE
+from retrieval.options import STRICT_EPOCHS
+from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
 
 @app.command()
@@ -86,7 +85,7 @@ def whiten(
     encoder: Annotated[Path, typer.Argument(help="Encoder file (encoder.pt).")],
     data: Annotated[str, typer.Option(help="Training images to fit the whitening on (fashion-mnist:train, a folder ...).")] = "fashion-mnist:train",
     out: Annotated[Optional[Path], typer.Option(help="New encoder file (default: ENCODER-whitened.pt beside it).")] = None,
-    shrinkage: Annotated[float, typer.Option(help="Added to each eigenvalue, as a fraction of the largest.")] = DEFAULT_SHRINKAGE,
+    shrinkage: Annotated[Optional[float], typer.Option(help="Added to each eigenvalue, as a fraction of the largest (default: training's).")] = None,
     max_images: Annotated[Optional[int], typer.Option(help="Images sampled from --data to fit it (default 10,000, or 10 per feature dimension if more).")] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
     device: DeviceOpt = "auto",
