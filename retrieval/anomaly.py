@@ -63,17 +63,16 @@ class AnomalySpace:
             raise RetrievalError(f"anomaly whitening shrinkage must be positive, got {shrinkage}")
         if n < MIN_ITEMS_PER_DIM * dim:
             return cls(PLAIN, fit_count=n)
-        x = np.asarray(features, dtype=np.float64)
-        mean = x.mean(0)
-        centred = x - mean
-        cov = centred.T @ centred / n
-        eigenvalues, eigenvectors = np.linalg.eigh(cov)
-        eigenvalues = np.clip(eigenvalues, 0, None)
-        floor = shrinkage * float(eigenvalues.max())
-        if not floor > 0:  # every feature the same: nothing to whiten
+        import torch  # the encoder's PCA whitening, fit on the gallery (torch only when fitting)
+
+        from simclr.errors import SimCLRError
+        from simclr.whitening import fit_whitening
+
+        try:
+            mean, matrix = fit_whitening(torch.from_numpy(np.asarray(features, dtype=np.float32)), shrinkage)
+        except SimCLRError:  # every feature the same: nothing to whiten
             return cls(PLAIN, fit_count=n)
-        matrix = eigenvectors / np.sqrt(eigenvalues + floor)
-        return cls(WHITENED, mean.astype(np.float32), matrix.astype(np.float32), shrinkage, n)
+        return cls(WHITENED, mean.numpy(), matrix.numpy(), shrinkage, n)
 
     def transform(self, features: np.ndarray, batch: int = 65536) -> np.ndarray:
         """Raw features (n, d) -> anomaly-space vectors (n, d) float32."""
@@ -113,12 +112,23 @@ def leave_one_out(sims: np.ndarray, ids: np.ndarray, own_ids: np.ndarray, k: int
     similarities, or with ``distances`` Euclidean distances; each item's own entry is dropped
     (or the last neighbour, if the index did not return it).
     """
-    is_self = ids == own_ids[:, None]
-    drop = np.where(is_self.any(1), is_self.argmax(1), sims.shape[1] - 1)
-    keep = np.ones_like(is_self)
-    keep[np.arange(len(drop)), drop] = False
-    rest = sims[keep].reshape(sims.shape[0], sims.shape[1] - 1)
+    rest, _ = drop_own(sims, ids, own_ids, sims.shape[1] - 1)
     return mean_distance(rest, k) if distances else knn_distance(rest, k)
+
+
+def drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours (q, n) without each row's own id (-1: the row has none), ``k`` columns kept.
+
+    Rows whose own id is not among the results lose their last column instead, so that every
+    row keeps the same width. Empty result slots (-1) never match the "no own id" marker.
+    """
+    if not (own >= 0).any():
+        return sims[:, :k], ids[:, :k]
+    is_own = (ids == own[:, None]) & (own[:, None] >= 0)
+    is_own[~is_own.any(1), -1] = True
+    keep = ~is_own
+    width = ids.shape[1] - 1
+    return sims[keep].reshape(-1, width)[:, :k], ids[keep].reshape(-1, width)[:, :k]
 
 
 @dataclass

@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from index import Items
 from simclr.data import parse_source, scan_folder, load_images
 from simclr.encoder import Encoder
-from simclr.images import ImageReadError, read_image
-from simclr.images import match_channels
+from simclr.images import ImageReadError, match_channels, read_image
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded: 
             batch = images[keep[start] : keep[start] + min(batch_size, len(keep) - start)]
         else:
             batch = images[torch.tensor(keep[start : start + batch_size])]
-        out.append(encoder.features(batch).cpu())
+        out.append(_embed_batch(encoder, batch))
         if bar is not None:
             bar.update(len(batch))
     return _result(encoder, coll, keep, out, [hashes[p] for p in keep], [], len(positions) - len(keep))
@@ -165,7 +164,7 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
                 duplicates += 1
         if ok:
             batch = torch.stack([r[1] for r in ok])
-            out.append(encoder.features(batch).cpu())
+            out.append(_embed_batch(encoder, batch))
             keep.extend(positions[r[0]] for r in ok)
             hashes.extend(r[2] for r in ok)
         if bar is not None:
@@ -175,11 +174,17 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
     return _result(encoder, coll, keep, out, hashes, failures, duplicates)
 
 
+def _embed_batch(encoder: Encoder, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw features and embeddings (B, D) of one batch, on the CPU (one backbone pass)."""
+    feats = encoder.features(batch)
+    return feats.cpu(), encoder.from_features(feats).cpu()
+
+
 def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:  # noqa: ANN001
-    features = torch.cat(out) if out else torch.zeros((0, encoder.dim))
-    vectors = encoder.from_features(features.to(encoder.device)).cpu().numpy()
+    features = torch.cat([f for f, _ in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    vectors = torch.cat([v for _, v in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
     items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
-    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features.numpy(), failures, duplicates)
+    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features, failures, duplicates)
 
 
 def merge(parts: list[Embedded]) -> Embedded:

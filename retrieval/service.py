@@ -26,6 +26,7 @@ from retrieval.anomaly import (
     DEFAULT_PERCENTILE,
     Calibration,
     calibrate,
+    drop_own,
     knn_distance,
     mean_distance,
     stored_calibration,
@@ -195,7 +196,7 @@ class Service:
         own = np.array([items[i] if items[i] is not None else -1 for i in ok])
         with self._lock:
             sims, ids = store.search(vectors[ok], wanted + int((own >= 0).any()), opts.nprobe, opts.ef_search)
-        sims, ids = _drop_own(sims, ids, own, wanted)
+        sims, ids = drop_own(sims, ids, own, wanted)
         count = count - int((own >= 0).any())
         note = f"k={opts.k} is larger than the index ({count} items); answering with all {count}" if opts.k > count else None
         labels = store.items.labels
@@ -208,7 +209,7 @@ class Service:
         elif opts.anomaly:
             with self._lock:
                 dists, nn = self.anomaly_table().search(q.anomaly[ok], anomaly_k + int((own >= 0).any()))
-            dists, _ = _drop_own(dists, nn, own, anomaly_k)
+            dists, _ = drop_own(dists, nn, own, anomaly_k)
             scores = mean_distance(dists, anomaly_k)
         probs = None
         if opts.classify and classes:
@@ -290,19 +291,6 @@ def check_encoder(store: IndexStore, encoder: Encoder, force: bool = False) -> N
             f"index {store.path} was built with encoder sha256 {m.encoder_sha256[:16]}…, but "
             f"{encoder.path} has sha256 {encoder.checksum[:16]}…; pass --force to use it anyway"
         )
-
-
-def _drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own id (-1: none) and keep k columns."""
-    if not (own >= 0).any():
-        return sims[:, :k], ids[:, :k]
-    # Empty result slots (-1) never match the "no own id" marker (-1).
-    is_own = (ids == own[:, None]) & (own[:, None] >= 0)
-    # Rows without their own id among the results lose their last column instead.
-    is_own[~is_own.any(1), -1] = True
-    keep = ~is_own
-    width = ids.shape[1] - 1
-    return sims[keep].reshape(-1, width)[:, :k], ids[keep].reshape(-1, width)[:, :k]
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

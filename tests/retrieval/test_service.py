@@ -120,13 +120,13 @@ def _naive_drop_own(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) 
 
 
 def test_dropping_own_ids_when_an_approximate_index_leaves_empty_slots() -> None:
-    from retrieval.service import _drop_own
+    from retrieval.anomaly import drop_own
 
     # Row 0 is a file query (no own id) with two empty slots; row 1 is item 5 with one.
     sims = np.array([[0.9, 0.5, -np.inf, -np.inf], [0.99, 0.7, 0.6, -np.inf]], np.float32)
     ids = np.array([[3, 8, -1, -1], [5, 2, 9, -1]])
     own = np.array([-1, 5])
-    got_s, got_i = _drop_own(sims, ids, own, 3)
+    got_s, got_i = drop_own(sims, ids, own, 3)
     want_s, want_i = _naive_drop_own(sims, ids, own, 3)
     assert np.array_equal(got_i, want_i) and np.array_equal(got_s, want_s)
     assert got_i.tolist() == [[3, 8, -1], [2, 9, -1]]
