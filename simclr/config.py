@@ -31,6 +31,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"stem": "standard", "width": 64, "epochs": 3, "batch_size": 256, "knn_every": 5},
     "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10},
 }
+# Training resolution: data sets of small images (Fashion-MNIST, CIFAR-10) train at their own
+# scale; folders of photos at a photo resolution that suits the device (BENCHMARKS.md,
+# "Photo collections").
+SMALL_IMAGE_SIZE = 32
+PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}
+
+
+def photo_image_size(device: torch.device | str) -> int:
+    """The default resolution for folders of photos on ``device``."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return PHOTO_IMAGE_SIZE["cuda" if kind == "cuda" else "cpu"]
 
 
 @dataclass
