@@ -19,7 +19,7 @@ import torch
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
 from retrieval.anomaly import WHITENED, AnomalySpace, calibrate, stored_space
-from retrieval.embed import Embedded, embed_collection, merge, open_collection
+from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
 from retrieval.options import IndexConfig
@@ -44,10 +44,7 @@ class BuildReport:
 
     def skipped_lines(self, limit: int = 20) -> list[str]:
         """One line per unreadable file (the first ``limit``)."""
-        out = [f"skipped: {reason}" for _, reason in self.failures[:limit]]
-        if len(self.failures) > limit:
-            out.append(f"skipped: ... and {len(self.failures) - limit} more")
-        return out
+        return skipped_lines(self.failures, limit)
 
     def summary(self) -> str:
         parts = [f"indexed {self.added} images into {self.out} ({self.total} in all, {self.factory})"]

@@ -39,6 +39,14 @@ class Collection:
     def __len__(self) -> int:
         return len(self.refs)
 
+    def select(self, positions: list[int]) -> "Collection":
+        """The items at ``positions``, in that order (files are still not read)."""
+        return Collection(
+            self.source, [self.refs[p] for p in positions], [self.labels[p] for p in positions],
+            images=None if self.images is None else self.images[torch.as_tensor(positions, dtype=torch.long)],
+            paths=None if self.paths is None else [self.paths[p] for p in positions],
+        )
+
 
 def open_collection(spec: str) -> Collection:
     """The collection a source string names (see :mod:`simclr.data`); files are not read yet."""
@@ -185,6 +193,14 @@ def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:
     vectors = torch.cat([v for _, v in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
     items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
     return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features, failures, duplicates)
+
+
+def skipped_lines(failures: list[tuple[str, str]], limit: int = 20) -> list[str]:
+    """One line per unreadable file of :attr:`Embedded.failures` (the first ``limit``)."""
+    out = [f"skipped: {reason}" for _, reason in failures[:limit]]
+    if len(failures) > limit:
+        out.append(f"skipped: ... and {len(failures) - limit} more")
+    return out
 
 
 def merge(parts: list[Embedded]) -> Embedded:

@@ -10,32 +10,42 @@ from typing import Any
 import torch
 
 from simclr.augment import AugmentConfig
+from simclr.data import parse_source
 from simclr.errors import SimCLRError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
+from simclr.training_data import LOADERS
 from simclr.whitening import DEFAULT_SHRINKAGE
 
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
-     "whiten", "whiten_shrinkage"}
+     "whiten", "whiten_shrinkage", "loader", "memory_budget_gb", "loader_workers"}
 )
 # Options that older versions wrote into checkpoints and no longer exist; loading such a
-# configuration drops them. (``workers``: the trainer never used it; its data lives in memory.)
+# configuration drops them. (``workers``: the trainer never used it; streaming has ``loader_workers``.)
 OBSOLETE_OPTIONS = frozenset({"workers"})
 
-# Device-dependent defaults. The CPU profile is the README demo's recipe, searched for a
-# budget of about 10 minutes on 2 cores (BENCHMARKS.md); the CUDA profile is the full recipe.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"stem": "standard", "width": 64, "epochs": 3, "batch_size": 256, "knn_every": 5},
-    "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10},
-}
 # Training resolution: data sets of small images (Fashion-MNIST, CIFAR-10) train at their own
 # scale; folders of photos at a photo resolution that suits the device (BENCHMARKS.md,
 # "Photo collections").
 SMALL_IMAGE_SIZE = 32
 PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}
+# Defaults by device and kind of data, for the options left at None. On a CPU a run is a time
+# budget (the README demo's recipe was searched for about 10 minutes on 2 cores, BENCHMARKS.md);
+# on a GPU, the full recipe. Small images use a stem without down-sampling on the GPU; photos
+# keep ResNet's standard stem (7x7/2 + max-pool), made for them.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 256, "knn_every": 5,
+            "image_size": SMALL_IMAGE_SIZE},
+    "cpu-photos": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 128, "knn_every": 0,
+                   "image_size": PHOTO_IMAGE_SIZE["cpu"]},
+    "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10,
+             "image_size": SMALL_IMAGE_SIZE},
+    "cuda-photos": {"stem": "standard", "width": 64, "epochs": 100, "batch_size": 512, "knn_every": 10,
+                    "image_size": PHOTO_IMAGE_SIZE["cuda"]},
+}
 
 
 def photo_image_size(device: torch.device | str) -> int:
@@ -61,14 +71,16 @@ class TrainConfig:
     stem: str | None = None
     width: int | None = None
     in_channels: int | None = None
-    image_size: int = 32
+    # Training resolution; None: 32 for data sets, a photo resolution for folders (PROFILES).
+    image_size: int | None = None
     head: str = "mlp"
     head_hidden: int = 512
     head_out: int = 128
     head_depth: int = 2
     init: str = "random"
-    # Optimisation.
+    # Optimisation: a number of epochs, or a time budget (steps fixed after measuring the first ones).
     epochs: int | None = None
+    minutes: float | None = None
     batch_size: int | None = None
     optimizer: str = "lars"
     lr: float = 0.3
@@ -89,6 +101,10 @@ class TrainConfig:
     # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
     whiten: bool = True
     whiten_shrinkage: float = DEFAULT_SHRINKAGE
+    # Data loading: auto holds a folder in memory when it fits the budget and streams it otherwise.
+    loader: str = "auto"
+    memory_budget_gb: float | None = None  # None: a quarter of physical memory
+    loader_workers: int | None = None  # streaming's DataLoader workers; None: by device
     # Hardware.
     device: str = "auto"
     precision: str = "auto"
@@ -120,12 +136,22 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def resolve(self, device: torch.device) -> "TrainConfig":
-        """Fill device-dependent defaults and check every option."""
-        profile = PROFILES["cuda" if device.type == "cuda" else "cpu"]
+        """Fill the defaults for the device and the kind of data (:data:`PROFILES`) and check
+        every option. A run given ``epochs`` takes no default time budget, and the reverse."""
+        self.validate()
+        profile = PROFILES[self.profile_name(device)]
         changes = {k: v for k, v in profile.items() if getattr(self, k) is None}
+        if self.epochs is not None or self.minutes is not None:
+            changes.pop("epochs", None)
+            changes.pop("minutes", None)
         cfg = self.replace(**changes)
         cfg.validate()
         return cfg
+
+    def profile_name(self, device: torch.device) -> str:
+        """``cpu`` / ``cuda``, with ``-photos`` for folders of image files."""
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        return f"{kind}-photos" if parse_source(self.data).kind == "folder" else kind
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -137,6 +163,15 @@ class TrainConfig:
         need(self.head in HEADS, f"unknown projection head {self.head!r}; known: {', '.join(HEADS)}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         need(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.minutes is None or self.minutes > 0, f"minutes must be positive, got {self.minutes}")
+        need(self.epochs is None or self.minutes is None,
+             f"--epochs {self.epochs} and --minutes {self.minutes} both set: give one (--minutes fixes the "
+             "number of steps from the measured step time)")
+        need(self.image_size is None or self.image_size >= 8, f"image size must be at least 8 pixels, got {self.image_size}")
+        need(self.loader in LOADERS, f"unknown loader {self.loader!r}; known: {', '.join(LOADERS)}")
+        need(self.memory_budget_gb is None or self.memory_budget_gb > 0,
+             f"memory budget must be positive, got {self.memory_budget_gb} GB")
+        need(self.loader_workers is None or self.loader_workers >= 0, f"loader workers must be >= 0, got {self.loader_workers}")
         need(self.batch_size is None or self.batch_size >= 2, f"batch size must be >= 2, got {self.batch_size}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
         need(self.lars_eta > 0, f"LARS trust coefficient must be positive, got {self.lars_eta}")
@@ -154,7 +189,7 @@ class TrainConfig:
 
     def augment_config(self, channels: int) -> AugmentConfig:
         return AugmentConfig(
-            size=self.image_size,
+            size=self.image_size or SMALL_IMAGE_SIZE,
             crop_scale=(self.crop_min, self.crop_max),
             flip_p=self.flip_p,
             jitter_p=self.jitter_p,

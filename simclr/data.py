@@ -286,26 +286,36 @@ def scan_folder(root: Path) -> FolderListing:
 
 def load_folder(root: Path, size: int = 32, channels: int = 3, workers: int | None = None) -> ImageData:
     """Decode every image under ``root`` into memory; unreadable files are skipped and counted."""
-    listing = scan_folder(root)
+    return decode_listing(scan_folder(root), size, channels, workers)
+
+
+def decode_listing(listing: FolderListing, size: int = 32, channels: int = 3, workers: int | None = None) -> ImageData:
+    """Decode the files of ``listing`` into memory at ``size``; unreadable ones are skipped and counted."""
+    root = listing.root
     workers = workers or min(8, os.cpu_count() or 1)
 
-    def decode(path: Path) -> torch.Tensor | None:
+    # Decoded straight into one preallocated tensor: no second copy at the end.
+    images = torch.empty((len(listing.paths), channels, size, size), dtype=torch.uint8)
+
+    def decode(i: int) -> bool:
         try:
-            return read_image(path, size, channels)
+            images[i] = read_image(listing.paths[i], size, channels)
+            return True
         except ImageReadError as exc:
             log.debug("skipped %s", exc)
-            return None
+            return False
 
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(decode, listing.paths))
-    keep = [i for i, t in enumerate(decoded) if t is not None]
-    skipped = len(decoded) - len(keep)
+        ok = list(pool.map(decode, range(len(listing.paths))))
+    keep = [i for i, good in enumerate(ok) if good]
+    skipped = len(ok) - len(keep)
     if skipped:
-        log.warning("%s: skipped %d unreadable file(s) of %d", root, skipped, len(decoded))
+        log.warning("%s: skipped %d unreadable file(s) of %d", root, skipped, len(ok))
+        images = images[torch.tensor(keep, dtype=torch.int64)]
     if not keep:
-        raise SimCLRError(f"{root}: none of the {len(decoded)} image files could be read")
+        raise SimCLRError(f"{root}: none of the {len(ok)} image files could be read")
     return ImageData(
-        images=torch.stack([decoded[i] for i in keep]),
+        images=images,
         labels=torch.tensor([listing.labels[i] for i in keep], dtype=torch.int64),
         classes=listing.classes,
         refs=[str(listing.paths[i]) for i in keep],

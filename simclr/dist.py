@@ -70,6 +70,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself without a group)."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 class GatherLayer(torch.autograd.Function):
     """All-gather that keeps gradients: forward concatenates every rank's tensor; backward
     sums the gradients from all ranks and returns each rank the slice of its own input."""

@@ -119,7 +119,7 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, init: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     found = _arch_of(state)
     if found is not None and found != arch:
-        raise SimCLRError(f"{where}: these are {found} weights, not {arch} (train with --arch {found}, or give {arch} weights)")
+        raise SimCLRError(f"{where}: these are {found} weights, not {arch} (use --arch {found}, or give {arch} weights)")
     conv = backbone.conv1.weight
     if "conv1.weight" in state:
         w = state["conv1.weight"]

@@ -96,13 +96,27 @@ def build_optimizer(
     raise SimCLRError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.0):
+class WarmupCosine:
+    """The learning-rate multiplier of step ``step``: linear warm-up from ~0 to 1 over
+    ``warmup_steps``, then cosine decay to ``final_ratio`` at ``total_steps``.
+
+    An object rather than a closure so that a time-budgeted run can fix ``total_steps`` once it
+    has measured its step time, and so that ``LambdaLR.state_dict`` stores the schedule (it
+    saves the ``__dict__`` of callable objects): a resumed run continues the same schedule.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, final_ratio: float = 0.0):
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.final_ratio = float(final_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.0) -> WarmupCosine:
     """A multiplier per step: linear warm-up from ~0 to 1, then cosine decay to ``final_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return WarmupCosine(total_steps, warmup_steps, final_ratio)

@@ -22,22 +22,38 @@ from simclr import dist, whitening
 from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.config import RESUMABLE_CHANGES, TrainConfig
-from simclr.data import ImageData, default_eval_split, load_images
+from simclr.data import default_eval_split, load_images
 from simclr.device import pick_device
-from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats, embed_images
+from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
 from simclr.errors import SimCLRError
-from simclr.images import match_channels
 from simclr.knn import knn_evaluate
 from simclr.loss import NTXentLoss
 from simclr.metrics import MetricsLog
 from simclr.models import SimCLRModel, build_backbone, build_head, load_imagenet_weights
-from simclr.optim import build_optimizer, scaled_lr, warmup_cosine
+from simclr.optim import WarmupCosine, build_optimizer, scaled_lr
+from simclr.training_data import (
+    STATS_IMAGES,
+    InMemoryImages,
+    Loading,
+    StreamedImages,
+    TrainingImages,
+    evenly_spaced_positions,
+    open_training_images,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+UNPLANNED = 2**62  # the step count of a time-budgeted run until its first steps are timed
+PROBE_SKIP = 2  # steps not timed for the plan (allocation, thread start-up)
+
+
+def _probe_done(steps: int, seconds: float, minutes: float | None) -> bool:
+    """Whether ``steps`` steps timed over ``seconds`` measure the step time well enough to plan
+    a budget of ``minutes``: at least 5 steps and 3% of the budget (at most 30 s), or 50 steps."""
+    return steps >= 50 or (steps >= 5 and seconds >= min(30.0, 0.03 * (minutes or 0) * 60))
 
 
 class TrainingDiverged(SimCLRError):
@@ -54,6 +70,9 @@ class TrainResult:
     final_loss: float
     knn_top1: float | None
     views_per_second: float
+    train_seconds: float = 0.0  # the steps, and the saves inside the run
+    end_seconds: float = 0.0  # the last save: whitening fit, kNN monitor, files
+    skipped: int = 0  # unreadable files
 
 
 class Trainer:
@@ -92,32 +111,32 @@ class Trainer:
         world = dist.world_size()
         if cfg.batch_size % world:
             raise SimCLRError(f"batch size {cfg.batch_size} does not divide over {world} processes")
-        data = load_images(cfg.data, size=cfg.image_size, channels=cfg.in_channels)
-        if cfg.classes:
-            data = only_classes(data, cfg.classes)
-        channels = cfg.in_channels or data.images.shape[1]
+        how = Loading(cfg.loader, cfg.image_size, cfg.in_channels, cfg.memory_budget_gb, cfg.loader_workers,
+                      tuple(cfg.classes or ()))
+        source = open_training_images(cfg.data, how, device)
+        channels = source.channels
         if cfg.in_channels is None:
             self.cfg = cfg = cfg.replace(in_channels=channels)
-        images = match_channels(data.images, channels)
-        if cfg.batch_size > len(data):
-            raise SimCLRError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} images in {cfg.data})")
-        self.data = data
-        self.steps_per_epoch = len(data) // cfg.batch_size
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.batch_size > len(source):
+            raise SimCLRError(f"batch size {cfg.batch_size} is larger than the data set ({len(source)} images in {cfg.data})")
+        self.source = source
+        self.steps_per_epoch = len(source) // cfg.batch_size
         if self.state is not None:
             mean, std = self.state["stats"]["mean"], self.state["stats"]["std"]
         else:
-            mean, std = channel_stats(images)
+            stats_from = source.images if isinstance(source, InMemoryImages) else source.sample(STATS_IMAGES)
+            mean, std = channel_stats(stats_from)
         self.mean, self.std = mean, std
-        self.images = self._place(images)
+        if isinstance(source, InMemoryImages):
+            source.place(device)
 
         torch.manual_seed(cfg.seed)  # the initial weights
         backbone = build_backbone(cfg.arch, channels, cfg.stem, cfg.width)
         # Whitening is fit at each save when the data set can estimate it (decided once).
-        self.whiten = cfg.whiten and whitening.can_whiten(len(data), backbone.feature_dim)
+        self.whiten = cfg.whiten and whitening.can_whiten(len(source), backbone.feature_dim)
         if cfg.whiten and not self.whiten and dist.is_main():
             log.warning("%d training images are too few to fit a whitening of %d-d features (%d needed); "
-                        "the encoder will use its features unwhitened", len(data), backbone.feature_dim,
+                        "the encoder will use its features unwhitened", len(source), backbone.feature_dim,
                         whitening.MIN_IMAGES_PER_DIM * backbone.feature_dim)
         if cfg.init != "random" and self.state is None:
             load_imagenet_weights(backbone, cfg.arch, cfg.init)
@@ -132,7 +151,11 @@ class Trainer:
         lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, warmup))
+        # A time budget fixes the step count once the first steps are timed (plan_budget);
+        # until then the schedule runs as if it had no end.
+        total = self.steps_per_epoch * cfg.epochs if cfg.minutes is None else UNPLANNED
+        self.schedule = WarmupCosine(total, warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = NTXentLoss(cfg.temperature)
@@ -150,16 +173,38 @@ class Trainer:
             forward = torch.compile(forward)
         self.forward = forward
         self.metrics = MetricsLog(cfg.out_dir / METRICS, resume_step=self.step if self.state else None) if dist.is_main() else None
-        self._eval_sets: tuple[ImageData, ImageData] | None = None
+        self._eval_sets: tuple[EvalSet, EvalSet] | None = None
 
-    def _place(self, images: torch.Tensor) -> torch.Tensor:
-        """Keep the data set on the GPU when it takes less than a quarter of free memory."""
-        if self.device.type != "cuda":
-            return images
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if images.numel() < free // 4:
-            return images.to(self.device)
-        return images.pin_memory()
+    @property
+    def total_steps(self) -> int:
+        """The run's length in steps (with a time budget: :data:`UNPLANNED` until it is fixed)."""
+        return self.schedule.total_steps
+
+    @property
+    def planned(self) -> bool:
+        return self.total_steps != UNPLANNED
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The training images, when they are held in memory."""
+        if not isinstance(self.source, InMemoryImages):
+            raise SimCLRError(f"{self.cfg.data} is streamed from disk, not held in memory")
+        return self.source.images
+
+    def plan_budget(self, steps_done: int, seconds: float, elapsed: float) -> int:
+        """Fix the run's length from ``steps_done`` steps timed at ``seconds`` in all: as many
+        steps as fit in what remains of ``cfg.minutes`` (``elapsed`` seconds are spent), warm-up
+        included, capped at a tenth of the run. Returns the step count."""
+        per_step = seconds / max(1, steps_done)
+        remaining = self.cfg.minutes * 60 - elapsed
+        # Every process must take the same number of steps: rank 0's plan.
+        total = dist.broadcast_int(max(self.step + 1, self.step + int(remaining / per_step)), self.device)
+        self.schedule.total_steps = total
+        self.schedule.warmup_steps = min(self.schedule.warmup_steps, max(1, total // 10))
+        if dist.is_main():
+            log.info("time budget %.1f min: %.3f s a step over the first %d steps, so %d steps (%.2f epochs)",
+                     self.cfg.minutes, per_step, steps_done, total, total / self.steps_per_epoch)
+        return total
 
     def _amp_dtype(self) -> torch.dtype | None:
         p = self.cfg.precision
@@ -188,7 +233,7 @@ class Trainer:
         """This rank's sample indices for each step of ``epoch``: (steps, batch / world)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.data), generator=g)[: self.steps_per_epoch * cfg.batch_size]
+        perm = torch.randperm(len(self.source), generator=g)[: self.steps_per_epoch * cfg.batch_size]
         world = dist.world_size()
         return perm.view(self.steps_per_epoch, world, cfg.batch_size // world)[:, dist.rank()]
 
@@ -211,43 +256,65 @@ class Trainer:
         return loss.detach()
 
     def fit(self, until_epoch: int | None = None) -> TrainResult:
-        """Train to the configured number of epochs, or stop early after ``until_epoch``."""
+        """Train to the configured length (epochs, or the time budget), or stop early at the
+        end of epoch ``until_epoch``. The run is a sequence of steps; epoch ``e`` is steps
+        ``e * steps_per_epoch`` onwards, in that epoch's data order, so a run resumed from any
+        checkpoint continues exactly."""
         cfg, device = self.cfg, self.device
-        stop = min(cfg.epochs, until_epoch or cfg.epochs)
         main = dist.is_main()
+        spe = self.steps_per_epoch
         if main:
-            log.info("%s (width %s, %s stem) on %s, %s, %d images, %d steps an epoch, %d processes",
-                     cfg.arch, cfg.width or "standard", cfg.stem, device,
+            log.info("%s (width %s, %s stem, %d px) on %s, %s, %d images %s, %d steps an epoch, %d processes",
+                     cfg.arch, cfg.width or "standard", cfg.stem, cfg.image_size, device,
                      f"{self.amp_dtype} autocast".replace("torch.", "") if self.amp_dtype else "fp32",
-                     len(self.data), self.steps_per_epoch, dist.world_size())
+                     len(self.source), "streamed from disk" if isinstance(self.source, StreamedImages) else "in memory",
+                     spe, dist.world_size())
         g = torch.Generator(device=device)
         progress = None
         if main and cfg.progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+            progress = tqdm(total=self.total_steps if self.planned else None, initial=self.step, unit="step",
+                            dynamic_ncols=True, desc="train")
         views_per_step = 2 * cfg.batch_size
         last = (self.state or {}).get("record", {})
         last_loss = last.get("loss", float("nan"))
         knn_top1 = last.get("knn_top1")
         rate = 0.0
-        while self.epoch < stop:
-            epoch = self.epoch
-            order = self._batch_order(epoch)
+        # The time budget counts from the first step; the first two steps (allocation, thread
+        # start-up) are not timed for the plan.
+        budget_start = time.perf_counter()
+        timed_from, timed_step = None, 0
+        train_seconds = 0.0
+
+        def stop_step() -> int:
+            return min(self.total_steps, until_epoch * spe) if until_epoch else self.total_steps
+
+        while self.step < stop_step():
+            epoch = self.step // spe
+            first = self.step - epoch * spe
             loss_sum = torch.zeros((), device=device)
             window_loss = torch.zeros((), device=device)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, epoch_steps = time.perf_counter(), 0, 0
             epoch_start = time.perf_counter()
-            for i in range(self.steps_per_epoch):
+            for _, x in self.source.batches(self._batch_order(epoch)[first:], fill=True):
                 g.manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + dist.rank())
-                idx = order[i].to(self.images.device, non_blocking=True)
-                x = self.images[idx].to(device, non_blocking=True)
-                loss = self.train_step(x, g)
+                loss = self.train_step(x.to(device, non_blocking=True), g)
                 loss_sum += loss
                 window_loss += loss
                 window_steps += 1
+                epoch_steps += 1
                 self.step += 1
-                if window_steps == cfg.log_every or i == self.steps_per_epoch - 1:
+                if not self.planned:
+                    now = time.perf_counter()
+                    if timed_from is None and self.step - first - epoch * spe >= PROBE_SKIP:
+                        timed_from, timed_step = now, self.step
+                    elif timed_from is not None and _probe_done(self.step - timed_step, now - timed_from, cfg.minutes):
+                        self.plan_budget(self.step - timed_step, now - timed_from, now - budget_start)
+                        if progress is not None:
+                            progress.total = self.total_steps
+                ends_epoch = self.step % spe == 0 or self.step >= stop_step()
+                if window_steps == cfg.log_every or ends_epoch:
                     mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()
                     self._check_finite(mean_loss, epoch)
                     if device.type == "cuda":
@@ -259,18 +326,29 @@ class Trainer:
                         self.metrics.write(kind="step", epoch=epoch, step=self.step, loss=mean_loss, lr=lr, views_per_s=rate)
                     if progress is not None:
                         progress.update(window_steps)
-                        progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", views_s=f"{rate:.0f}")
+                        progress.set_postfix(epoch=f"{epoch + 1}", loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", views_s=f"{rate:.0f}")
                     window_loss.zero_()
                     window_start, window_steps = time.perf_counter(), 0
-            epoch_loss = dist.all_reduce_mean(loss_sum / self.steps_per_epoch).item()
+                if ends_epoch:
+                    break
+            if epoch_steps == 0:
+                raise SimCLRError(f"{cfg.data}: epoch {epoch + 1} yielded no batches")
+            epoch_loss = dist.all_reduce_mean(loss_sum / epoch_steps).item()
             self._check_finite(epoch_loss, epoch)
             epoch_time = time.perf_counter() - epoch_start
+            train_seconds += epoch_time
             last_loss = epoch_loss
-            self.epoch = epoch + 1
-            record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": epoch_loss,
-                      "epoch_seconds": epoch_time, "views_per_s": self.steps_per_epoch * views_per_step / epoch_time}
+            self.epoch = self.step // spe
+            finished = self.step >= self.total_steps
+            save_start = time.perf_counter()
+            # A time budget may end inside an epoch: its record says how far (e.g. 2.6).
+            done = self.epoch if self.step % spe == 0 else round(self.step / spe, 3)
+            record = {"kind": "epoch", "epoch": done, "step": self.step, "loss": epoch_loss,
+                      "epoch_seconds": epoch_time, "views_per_s": epoch_steps * views_per_step / epoch_time}
+            if self.source.skipped:
+                record["skipped_files"] = self.source.skipped
             encoder = self.encoder() if dist.is_main() else None  # with its whitening, fit once an epoch
-            if cfg.knn_every and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
+            if cfg.knn_every and (finished or (self.step % spe == 0 and self.epoch % cfg.knn_every == 0)):
                 knn = self.knn_monitor(encoder)
                 if knn is not None:
                     knn_top1 = knn[0]
@@ -281,11 +359,18 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.write(**record)
                 self.metrics.plot(cfg.out_dir / CURVES)
+            if not finished:  # saves inside the run count against a time budget; the last one does not
+                train_seconds += time.perf_counter() - save_start
+        end_seconds = time.perf_counter() - budget_start - train_seconds
         if progress is not None:
             progress.close()
+        if self.source.skipped and main:
+            log.warning("%s: %d unreadable file(s) skipped", cfg.data, self.source.skipped)
         return TrainResult(
-            out=cfg.out_dir, encoder=cfg.out_dir / ENCODER_FILE, checkpoint=self.ckpt_path, epochs=self.epoch,
-            steps=self.step, final_loss=last_loss, knn_top1=knn_top1, views_per_second=rate,
+            out=cfg.out_dir, encoder=cfg.out_dir / ENCODER_FILE, checkpoint=self.ckpt_path,
+            epochs=math.ceil(self.step / spe), steps=self.step, final_loss=last_loss, knn_top1=knn_top1,
+            views_per_second=rate, train_seconds=train_seconds, end_seconds=end_seconds,
+            skipped=self.source.skipped,
         )
 
     def _check_finite(self, loss: float, epoch: int) -> None:
@@ -303,7 +388,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def encoder(self) -> Encoder:
         """The encoder as it stands (sharing the model's backbone), with its whitening fit on
-        the training images unless ``--no-whiten``."""
+        evenly spaced training images unless ``--no-whiten``."""
         spec = EncoderSpec(
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
             image_size=self.cfg.image_size, feature_dim=self.model.backbone.feature_dim,
@@ -311,7 +396,10 @@ class Trainer:
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
         if self.whiten:
-            enc.fit_whitening(self.images, shrinkage=self.cfg.whiten_shrinkage)
+            sample = evenly_spaced_positions(len(self.source), whitening.fit_sample_size(enc.dim))
+            feats, _ = _features(enc, EvalSet(self.source, sample))
+            enc.set_whitening(*whitening.fit_whitening(feats, self.cfg.whiten_shrinkage))
+            self.model.train()
         return enc
 
     def save(self, record: dict | None = None, encoder: Encoder | None = None) -> None:
@@ -336,59 +424,59 @@ class Trainer:
         if dist.is_main():
             sets = self._eval_data()
             if sets is not None:
-                gallery, queries = sets
                 enc = self.encoder() if encoder is None else encoder
-                g_feats = embed_images(enc, gallery.images)
-                q_feats = embed_images(enc, queries.images)
-                r = knn_evaluate(q_feats, queries.labels, g_feats, gallery.labels, len(gallery.classes),
+                (g_feats, g_labels), (q_feats, q_labels) = (_features(enc, s, embed=True) for s in sets)
+                r = knn_evaluate(q_feats, q_labels, g_feats, g_labels, len(sets[0].images.classes),
                                  self.cfg.knn_k, self.cfg.knn_temperature)
                 result = (r.top1, r.top5)
                 self.model.train()
         dist.barrier()
         return result
 
-    def _eval_data(self) -> tuple[ImageData, ImageData] | None:
+    def _eval_data(self) -> tuple[EvalSet, EvalSet] | None:
         if self._eval_sets is not None:
             return self._eval_sets
-        cfg = self.cfg
+        cfg, source = self.cfg, self.source
+        ch = cfg.in_channels
         pair = default_eval_split(cfg.data)
         if pair is not None:
-            gallery = self.data if pair[0] == self.data.source and not cfg.classes else load_images(pair[0])
-            queries = load_images(pair[1])
-        elif self.data.labelled and len(self.data) >= 20:
+            if pair[0] == source.source and not cfg.classes:
+                gallery = source
+            else:
+                gallery = InMemoryImages(load_images(pair[0]), ch)
+            queries = InMemoryImages(load_images(pair[1]), ch)
+            g_pos, q_pos = torch.arange(len(gallery)), torch.arange(len(queries))
+        elif source.labelled and len(source) >= 20:
             # A folder with class subfolders: every tenth image is a query, the rest the gallery.
-            is_query = torch.arange(len(self.data)) % 10 == 0
-            gallery, queries = _subset(self.data, ~is_query), _subset(self.data, is_query)
+            gallery = queries = source
+            is_query = torch.arange(len(source)) % 10 == 0
+            g_pos, q_pos = (~is_query).nonzero().squeeze(1), is_query.nonzero().squeeze(1)
         else:
             return None
-        ch = cfg.in_channels
-        gallery = _subset(gallery, torch.arange(len(gallery)) < cfg.knn_max_gallery)
-        gallery.images, queries.images = match_channels(gallery.images, ch), match_channels(queries.images, ch)
-        self._eval_sets = (gallery, queries)
+        self._eval_sets = (EvalSet(gallery, g_pos[: cfg.knn_max_gallery]), EvalSet(queries, q_pos))
         return self._eval_sets
 
 
-def only_classes(data: ImageData, names: list[str]) -> ImageData:
-    """The images of ``data`` labelled with one of ``names``.
+@dataclass
+class EvalSet:
+    """Some positions of a collection of training-like images."""
 
-    Raises:
-        SimCLRError: the data has no labels, or a name is not one of its classes (known ones listed).
-    """
-    if not data.classes:
-        raise SimCLRError(f"{data.source} has no labels, so it cannot be narrowed to classes {', '.join(names)}")
-    unknown = [n for n in names if n not in data.classes]
-    if unknown:
-        raise SimCLRError(f"{data.source} has no class {', '.join(map(repr, unknown))}; known: {', '.join(data.classes)}")
-    wanted = torch.tensor([data.classes.index(n) for n in names])
-    return _subset(data, torch.isin(data.labels, wanted))
+    images: TrainingImages
+    positions: torch.Tensor
 
 
-def _subset(data: ImageData, mask: torch.Tensor) -> ImageData:
-    keep = mask.nonzero().squeeze(1)
-    return ImageData(
-        images=data.images[keep], labels=data.labels[keep], classes=data.classes,
-        refs=[data.refs[i] for i in keep.tolist()], source=data.source,
-    )
+@torch.no_grad()
+def _features(enc: Encoder, s: EvalSet, embed: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (or, with ``embed``, embeddings) of the images at ``s.positions``, with
+    their labels; unreadable files (streaming) are left out."""
+    feats, labels = [], []
+    for positions, x in s.images.batches(s.positions.split(batch_size)):
+        f = enc.features(x)
+        feats.append(enc.from_features(f) if embed else f)
+        labels.append(s.images.labels[positions])
+    if not feats:
+        raise SimCLRError(f"{s.images.source}: none of the sampled images could be read")
+    return torch.cat(feats), torch.cat(labels)
 
 
 def train(cfg: TrainConfig, resume: bool = False, explicit: set[str] | None = None) -> TrainResult:

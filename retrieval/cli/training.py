@@ -27,13 +27,14 @@ def train(
     stem: Annotated[Optional[str], typer.Option(help="standard (7x7/2 + max-pool) or small (3x3/1, no pool). Default: standard on CPU, small on GPU.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Channels of the first ResNet stage (64 is torchvision's).")] = None,
     in_channels: Annotated[Optional[int], typer.Option(help="Input channels (default: the data's).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: 32 for data sets; for folders of photos 96 on a CPU, 224 on a GPU). The encoder records it; indexing embeds at it.")] = None,
     head: Annotated[Optional[str], typer.Option(help="Projection head: mlp, linear, none.")] = None,
     head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the MLP head.")] = None,
     head_out: Annotated[Optional[int], typer.Option(help="Output dimension of the head.")] = None,
     head_depth: Annotated[Optional[int], typer.Option(help="Linear layers in the MLP head.")] = None,
     init: Annotated[Optional[str], typer.Option(help="random, imagenet (download), or a path to torchvision weights.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: a ~10 minute budget on CPU, the full recipe on GPU).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: --minutes 10 on a CPU, the full recipe on a GPU).")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Time budget: the step count is fixed from the first steps' time so that warm-up and the cosine schedule end on time (not with --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (images; each gives two views).")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="lars, sgd or adamw.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Base learning rate, scaled with the batch size.")] = None,
@@ -50,6 +51,9 @@ def train(
     blur_p: Annotated[Optional[float], typer.Option(help="Gaussian-blur probability.")] = None,
     whiten: Annotated[Optional[bool], typer.Option("--whiten/--no-whiten", help="PCA-whiten the encoder's features (fit on training images).")] = None,
     whiten_shrinkage: Annotated[Optional[float], typer.Option(help="Whitening shrinkage, a fraction of the largest eigenvalue.")] = None,
+    loader: Annotated[Optional[str], typer.Option(help="auto (folders in memory when they fit --memory-budget-gb, streamed from disk otherwise), memory or stream.")] = None,
+    memory_budget_gb: Annotated[Optional[float], typer.Option(help="Memory a folder's decoded images may take before training streams them (default: a quarter of RAM).")] = None,
+    loader_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers that decode a streamed folder (default: half the cores on a CPU, up to 8 on a GPU).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU), fp32, bf16, fp16.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
@@ -75,7 +79,10 @@ def train(
         dist.shutdown()
     if dist.is_main():
         knn = f", kNN top-1 {100 * result.knn_top1:.2f}%" if result.knn_top1 is not None else ""
-        typer.echo(f"trained {result.epochs} epochs ({result.steps} steps), loss {result.final_loss:.4f}{knn}")
+        skipped = f"; {result.skipped} unreadable file(s) skipped" if result.skipped else ""
+        typer.echo(f"trained {result.epochs} epochs ({result.steps} steps), loss {result.final_loss:.4f}{knn}{skipped}")
+        typer.echo(f"time: {result.train_seconds:.0f} s training, {result.end_seconds:.0f} s end-of-run work "
+                   "(whitening, kNN monitor, files)")
         typer.echo(f"encoder: {result.encoder}")
 
 

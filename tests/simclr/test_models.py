@@ -43,7 +43,7 @@ def test_weights_for_another_architecture_are_named(resnet18_weights: Path) -> N
         load_imagenet_weights(backbone, "resnet34", str(resnet18_weights))
     assert str(err.value) == (
         f"{resnet18_weights}: these are resnet18 weights, not resnet34 "
-        "(train with --arch resnet18, or give resnet34 weights)"
+        "(use --arch resnet18, or give resnet34 weights)"
     )
 
 

@@ -14,7 +14,8 @@ from simclr.data import load_folder
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.errors import SimCLRError
 from simclr.models import SimCLRModel
-from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, only_classes, train
+from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, train
+from simclr.training_data import load_size, only_classes
 from tests.helpers import TINY
 from tests.helpers import Payload
 
@@ -187,7 +188,7 @@ def test_only_classes_refuses_unknown_classes_and_unlabelled_data(image_folder: 
 
 def test_training_on_one_class_sees_only_its_images(image_folder: Path, tmp_path: Path) -> None:
     trainer = Trainer(_cfg(image_folder, tmp_path, classes=["checks"]))
-    assert torch.equal(trainer.images, load_folder(image_folder / "checks", size=16).images)
+    assert torch.equal(trainer.images, load_folder(image_folder / "checks", size=load_size(16)).images)
     result = trainer.fit()
     assert result.steps == 1  # 16 images of the class, batches of 16 (the whole folder: 3 steps)
     assert safe_load(result.checkpoint)["config"]["classes"] == ["checks"]

@@ -1,0 +1,266 @@
+"""The images a training run draws its batches from: held in memory, or streamed from disk.
+
+Both kinds answer the same question, :meth:`TrainingImages.batches`: "the uint8 images at these
+positions, a batch at a time", so the trainer's data order (a function of seed and epoch)
+gives the same batches whichever kind holds the data.
+
+- :class:`InMemoryImages`: one uint8 tensor (N, C, H, W), on the GPU when it fits. Data sets
+  (Fashion-MNIST, CIFAR-10) and folders whose decoded images fit the memory budget.
+- :class:`StreamedImages`: a folder decoded batch by batch by DataLoader workers, for folders
+  larger than the budget; resident memory does not grow with the number of images (the file
+  list is one NumPy byte array, which forked workers share without copying).
+
+A folder's files are decoded the same way on both paths (:func:`simclr.images.read_image`:
+shorter side to the *load size*, a little above the training size, then a centre crop), so
+that the batched random crops of :mod:`simclr.augment` have some margin to work with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr.data import FolderListing, ImageData, decode_listing, load_images, parse_source, scan_folder
+from simclr.errors import SimCLRError
+from simclr.images import ImageReadError, match_channels, read_image
+
+log = logging.getLogger(__name__)
+
+LOADERS = ("auto", "memory", "stream")
+LOAD_RATIO = 8 / 7  # load side / training side (256 / 224, as ImageNet pipelines do)
+STATS_IMAGES = 2000  # images a streamed folder's channel statistics are measured on
+WARN_FILES = 5  # unreadable files named one by one; after that, counted
+
+
+def load_size(image_size: int) -> int:
+    """The side a folder's images are decoded to before random crops of ``image_size``."""
+    return max(image_size, round(image_size * LOAD_RATIO))
+
+
+def memory_budget_bytes(gb: float | None) -> int:
+    """``gb`` GiB, or by default a quarter of this machine's physical memory."""
+    if gb is not None:
+        return int(gb * 2**30)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers for streaming: on a CPU they compete with the model for cores, so
+    one per two cores; on a GPU, up to 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cpus) if device.type == "cuda" else max(1, min(8, cpus // 2))
+
+
+def evenly_spaced_positions(n: int, count: int) -> torch.Tensor:
+    """Up to ``count`` of the positions 0..n-1, evenly spaced (the same ones every time)."""
+    return torch.arange(0, n, max(1, n // max(1, count)))[:count]
+
+
+class TrainingImages:
+    """Labelled or unlabelled training images (see the module docstring)."""
+
+    labels: torch.Tensor  # int64 (N,), -1 where unknown
+    classes: list[str]
+    source: str
+    channels: int
+    skipped: int  # files that could not be read (found so far, when streaming)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.classes) > 0 and bool((self.labels >= 0).all())
+
+    def batches(self, order: Sequence[torch.Tensor], fill: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """For each row of positions in ``order``: (the positions read, their uint8 images).
+
+        Streaming may meet unreadable files: they are dropped, and with ``fill`` their places
+        are taken by the batch's other images, so that every batch keeps its size (a
+        distributed step needs equal batches on every process).
+        """
+        raise NotImplementedError
+
+    def sample(self, count: int) -> torch.Tensor:
+        """Up to ``count`` evenly spaced images, in memory (uint8)."""
+        positions = evenly_spaced_positions(len(self), count)
+        return torch.cat([x.cpu() for _, x in self.batches(positions.split(512))])
+
+
+class InMemoryImages(TrainingImages):
+    def __init__(self, data: ImageData, channels: int):
+        self.images = match_channels(data.images, channels)
+        self.labels, self.classes, self.source = data.labels, data.classes, data.source
+        self.channels, self.skipped = channels, data.skipped
+
+    def place(self, device: torch.device) -> None:
+        """Keep the images on the GPU when they take less than a quarter of its free memory
+        (pinned host memory otherwise)."""
+        if device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        self.images = self.images.to(device) if self.images.numel() < free // 4 else self.images.pin_memory()
+
+    def batches(self, order: Sequence[torch.Tensor], fill: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for row in order:
+            yield row, self.images[row.to(self.images.device, non_blocking=True)]
+
+
+class _Decode(Dataset):
+    """One file per item, decoded at the load size; a failure comes back as its message."""
+
+    def __init__(self, paths: np.ndarray, size: int, channels: int):
+        self.paths, self.size, self.channels = paths, size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return i, read_image(os.fsdecode(self.paths[i]), self.size, self.channels)
+        except ImageReadError as exc:
+            return i, str(exc)
+
+
+def _collate(rows: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, x) for i, x in rows if isinstance(x, torch.Tensor)]
+    failed = [(i, x) for i, x in rows if not isinstance(x, torch.Tensor)]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, failed
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # a worker decodes; the cores' threads belong to the model
+
+
+class StreamedImages(TrainingImages):
+    def __init__(self, listing: FolderListing, size: int, channels: int, workers: int, pin_memory: bool = False):
+        # One byte array, not a list of Path objects: workers forked from this process share
+        # it without touching reference counts (which would copy the pages).
+        self.paths = np.array([os.fsencode(p) for p in listing.paths])
+        self.labels = torch.tensor(listing.labels, dtype=torch.int64)
+        self.classes, self.source = listing.classes, str(listing.root)
+        self.size, self.channels, self.workers, self.pin_memory = size, channels, workers, pin_memory
+        self.skipped = 0
+        self._bad: set[int] = set()
+
+    def batches(self, order: Sequence[torch.Tensor], fill: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            _Decode(self.paths, self.size, self.channels), batch_sampler=[row.tolist() for row in order],
+            num_workers=self.workers, collate_fn=_collate, pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.workers else None, worker_init_fn=_one_thread if self.workers else None,
+        )
+        for kept, images, failed in loader:
+            self._note(failed)
+            if images is None:
+                if fill:
+                    raise SimCLRError(f"{self.source}: none of the {len(failed)} files of a batch could be read "
+                                      f"(e.g. {failed[0][1]})")
+                continue
+            positions = torch.tensor(kept, dtype=torch.int64)
+            if fill and failed:
+                take = torch.arange(len(kept) + len(failed)) % len(kept)
+                positions, images = positions[take], images[take]
+            yield positions, images
+
+    def _note(self, failed: list[tuple[int, str]]) -> None:
+        for i, message in failed:
+            if i in self._bad:
+                continue
+            self._bad.add(i)
+            self.skipped += 1
+            if self.skipped <= WARN_FILES:
+                log.warning("skipped an unreadable file: %s", message)
+            elif self.skipped == WARN_FILES + 1:
+                log.warning("more unreadable files: they are counted, not named")
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How a training run gets its images (TrainConfig's ``loader`` options)."""
+
+    loader: str = "auto"  # auto | memory | stream
+    image_size: int = 32
+    channels: int | None = None  # None: the data's own (folders: 3)
+    memory_budget_gb: float | None = None
+    workers: int | None = None
+    classes: tuple[str, ...] = ()
+
+
+def open_training_images(data: str, how: Loading, device: torch.device) -> TrainingImages:
+    """The training images of source ``data``, in memory or streamed (see :class:`Loading`).
+
+    ``auto`` holds a folder in memory when its images, decoded at the load size, fit the
+    memory budget, and streams it otherwise (saying so in the log).
+
+    Raises:
+        SimCLRError: an unknown loader, ``stream`` for a data set (they are held in memory), a
+            class the data does not have, or nothing readable.
+    """
+    if how.loader not in LOADERS:
+        raise SimCLRError(f"unknown loader {how.loader!r}; known: {', '.join(LOADERS)}")
+    spec = parse_source(data)
+    if spec.kind != "folder":
+        if how.loader == "stream":
+            raise SimCLRError(f"--loader stream reads folders of image files; {spec} is a data set, held in memory")
+        images = load_images(spec)
+        if how.classes:
+            images = only_classes(images, list(how.classes))
+        return InMemoryImages(images, how.channels or images.images.shape[1])
+    listing = scan_folder(spec.path)
+    if how.classes:
+        listing = listing_classes(listing, list(how.classes))
+    channels = how.channels or 3
+    size = load_size(how.image_size)
+    need = len(listing.paths) * channels * size * size
+    budget = memory_budget_bytes(how.memory_budget_gb)
+    if how.loader == "memory" or (how.loader == "auto" and need <= budget):
+        return InMemoryImages(decode_listing(listing, size, channels), channels)
+    workers = default_workers(device) if how.workers is None else how.workers
+    if how.loader == "auto":
+        log.info("%s: %d images decoded at %d px take %.1f GiB, more than the memory budget of %.1f GiB "
+                 "(--memory-budget-gb): streaming them from disk through %d DataLoader worker(s)",
+                 spec.path, len(listing.paths), size, need / 2**30, budget / 2**30, workers)
+    return StreamedImages(listing, size, channels, workers, pin_memory=device.type == "cuda")
+
+
+def listing_classes(listing: FolderListing, names: list[str]) -> FolderListing:
+    """The files of ``listing`` in one of the classes ``names``."""
+    _check_classes(str(listing.root), listing.classes, names)
+    wanted = {listing.classes.index(n) for n in names}
+    keep = [i for i, label in enumerate(listing.labels) if label in wanted]
+    return FolderListing(listing.root, [listing.paths[i] for i in keep], [listing.labels[i] for i in keep], listing.classes)
+
+
+def only_classes(data: ImageData, names: list[str]) -> ImageData:
+    """The images of ``data`` labelled with one of ``names``.
+
+    Raises:
+        SimCLRError: the data has no labels, or a name is not one of its classes (known ones listed).
+    """
+    _check_classes(data.source, data.classes, names)
+    wanted = torch.tensor([data.classes.index(n) for n in names])
+    return subset(data, torch.isin(data.labels, wanted))
+
+
+def _check_classes(source: str, classes: list[str], names: list[str]) -> None:
+    if not classes:
+        raise SimCLRError(f"{source} has no labels, so it cannot be narrowed to classes {', '.join(names)}")
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise SimCLRError(f"{source} has no class {', '.join(map(repr, unknown))}; known: {', '.join(classes)}")
+
+
+def subset(data: ImageData, mask: torch.Tensor) -> ImageData:
+    keep = mask.nonzero().squeeze(1)
+    return ImageData(
+        images=data.images[keep], labels=data.labels[keep], classes=data.classes,
+        refs=[data.refs[i] for i in keep.tolist()], source=data.source,
+    )
+

@@ -1,0 +1,192 @@
+"""Training from folders: streamed and in-memory paths agree, streaming resumes exactly, the
+time budget plans its steps, and folders of mixed files train."""
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import simclr.train as train_module
+from simclr.checkpoint import safe_load
+from simclr.config import TrainConfig
+from simclr.data import scan_folder
+from simclr.errors import SimCLRError
+from simclr.images import read_image
+from simclr.train import CHECKPOINT, Trainer, train
+from simclr.training_data import InMemoryImages, Loading, StreamedImages, load_size, open_training_images
+from tests.helpers import TINY
+
+
+def _cfg(folder: Path, out: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{"data": str(folder), "out": str(out), **TINY, **changes})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return safe_load(path)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_streamed_and_in_memory_folders_give_the_same_batches(image_folder: Path) -> None:
+    cpu = torch.device("cpu")
+    memory = open_training_images(str(image_folder), Loading("memory", image_size=16), cpu)
+    streamed = open_training_images(str(image_folder), Loading("stream", image_size=16, workers=2), cpu)
+    assert isinstance(memory, InMemoryImages) and isinstance(streamed, StreamedImages)
+    assert torch.equal(memory.labels, streamed.labels) and memory.classes == streamed.classes
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(3)).view(3, 16)
+    pairs = list(zip(memory.batches(order), streamed.batches(order)))
+    assert len(pairs) == 3
+    for (pa, xa), (pb, xb) in pairs:
+        assert torch.equal(pa, pb) and torch.equal(xa, xb)
+        assert xa.dtype == torch.uint8 and xa.shape == (16, 3, load_size(16), load_size(16))
+    # The decoding is the one the index and the queries use, at the load size.
+    first = scan_folder(image_folder).paths[int(order[0, 0])]
+    assert torch.equal(pairs[0][0][1][0], read_image(first, load_size(16)))
+
+
+def test_training_streamed_equals_training_in_memory(image_folder: Path, tmp_path: Path) -> None:
+    a = train(_cfg(image_folder, tmp_path / "memory", loader="memory", epochs=2))
+    b = train(_cfg(image_folder, tmp_path / "stream", loader="stream", loader_workers=1, epochs=2))
+    assert a.steps == b.steps == 6
+    _assert_same_weights(a.checkpoint, b.checkpoint)
+
+
+def test_streamed_training_resumes_exactly(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "run", loader="stream", loader_workers=0, epochs=2)
+    Trainer(cfg).fit(until_epoch=1)
+    resumed = train(cfg, resume=True)
+    straight = train(cfg.replace(out=str(tmp_path / "straight")))
+    assert resumed.steps == straight.steps == 6
+    _assert_same_weights(resumed.checkpoint, straight.checkpoint)
+
+
+def test_a_folder_over_the_memory_budget_is_streamed_with_a_log_line(
+    image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="simclr.training_data"):
+        trainer = Trainer(_cfg(image_folder, tmp_path, memory_budget_gb=1e-5))
+    assert isinstance(trainer.source, StreamedImages)
+    assert "more than the memory budget" in caplog.text and "streaming them from disk" in caplog.text
+    assert isinstance(Trainer(_cfg(image_folder, tmp_path / "b")).source, InMemoryImages)
+
+
+def test_streaming_skips_and_counts_unreadable_files(image_folder: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    (folder / "bars" / "bars_000.png").write_bytes(b"not a png")
+    (folder / "checks" / "checks_001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = train(_cfg(folder, tmp_path / "run", loader="stream", loader_workers=0, epochs=2))
+    assert result.skipped == 2 and result.steps == 6 and math.isfinite(result.final_loss)
+
+
+def test_streaming_refuses_data_sets_by_name(tmp_path: Path) -> None:
+    with pytest.raises(SimCLRError, match="--loader stream reads folders of image files; fashion-mnist:train is a data set"):
+        open_training_images("fashion-mnist:train", Loading("stream"), torch.device("cpu"))
+
+
+def test_a_folder_of_mixed_sizes_and_modes_trains(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    makers = {
+        "rgb.jpg": lambda a: Image.fromarray(a),
+        "gray.png": lambda a: Image.fromarray(a[..., 0]),
+        "alpha.png": lambda a: Image.fromarray(np.dstack([a, a[..., :1]])),
+        "palette.gif": lambda a: Image.fromarray(a).convert("P"),
+        "cmyk.jpg": lambda a: Image.fromarray(a).convert("CMYK"),
+        "sixteen.png": lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257),
+    }
+    for kind in ("a", "b"):
+        (folder / kind).mkdir(parents=True)
+        for i in range(12):
+            name, make = list(makers.items())[i % len(makers)]
+            h, w = rng.integers(20, 90, 2)
+            make(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / kind / f"{i}-{name}")
+    for loader in ("memory", "stream"):
+        result = train(_cfg(folder, tmp_path / loader, loader=loader, loader_workers=0, batch_size=8))
+        assert result.steps == 3 and result.skipped == 0 and math.isfinite(result.final_loss)
+
+
+# ----------------------------------------------------------------------------- time budget
+
+class _Clock:
+    """A clock that moves only when a step runs: each step takes ``step`` seconds."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 1000.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_time_budget_plans_its_steps_from_the_first_ones(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _Clock(step=0.5)
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    real_step = Trainer.train_step
+
+    def timed_step(self: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        clock.now += clock.step
+        return real_step(self, x, g)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    cfg = _cfg(image_folder, tmp_path, epochs=None, minutes=0.25, warmup_epochs=1.0)  # 15 s, 0.5 s a step
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result.steps == trainer.total_steps == 30  # 15 s / 0.5 s
+    assert result.epochs == 10  # 3 steps an epoch
+    assert result.train_seconds == pytest.approx(15.0)
+    # Warm-up (one epoch: 3 steps) and the cosine decay end with the run.
+    assert trainer.schedule.warmup_steps == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # The plan is in the checkpoint: a resumed run keeps it.
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.total_steps == 30 and resumed.step == 30
+
+
+def test_a_budget_ending_inside_an_epoch_resumes_to_the_same_weights(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run planned at 7 steps (epochs of 3) once it has timed its third: interrupted after
+    epoch 1, resumed, it ends where an uninterrupted run ends."""
+    monkeypatch.setattr(train_module, "_probe_done", lambda steps, seconds, minutes: True)
+    monkeypatch.setattr(Trainer, "plan_budget", _fixed_plan(7))
+    cfg = _cfg(image_folder, tmp_path / "run", epochs=None, minutes=1.0)
+    Trainer(cfg).fit(until_epoch=1)
+    resumed = train(cfg, resume=True)
+    straight = train(cfg.replace(out=str(tmp_path / "straight")))
+    assert resumed.steps == straight.steps == 7
+    _assert_same_weights(resumed.checkpoint, straight.checkpoint)
+    assert safe_load(straight.checkpoint)["record"]["epoch"] == pytest.approx(7 / 3, abs=1e-3)
+
+
+def _fixed_plan(total: int):  # noqa: ANN202
+    def plan(self: Trainer, steps_done: int, seconds: float, elapsed: float) -> int:
+        self.schedule.total_steps = total
+        return total
+
+    return plan
+
+
+def test_minutes_and_epochs_together_are_refused(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(SimCLRError, match=r"--epochs 2 and --minutes 1.0 both set: give one"):
+        Trainer(_cfg(image_folder, tmp_path, epochs=2, minutes=1.0))
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_folders_default_to_the_photo_resolution_and_data_sets_to_theirs(image_folder: Path) -> None:
+    cpu = torch.device("cpu")
+    photos = TrainConfig(data=str(image_folder)).resolve(cpu)
+    assert (photos.image_size, photos.stem, photos.minutes, photos.epochs) == (96, "standard", 10.0, None)
+    small = TrainConfig(data="fashion-mnist:train").resolve(cpu)
+    assert small.image_size == 32
+    assert TrainConfig(data=str(image_folder), epochs=2).resolve(cpu).minutes is None
