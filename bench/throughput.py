@@ -100,10 +100,10 @@ def main() -> None:
     # (a) the model alone on views that are already made.
     views = torch.randn(2 * b, c, args.image_size, args.image_size, device=device).contiguous(memory_format=torch.channels_last)
     # (b) the trainer's step: index a batch of uint8 images, augment twice on the device, step.
-    order = torch.randperm(len(first.data), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(first.source), generator=torch.Generator().manual_seed(0))
     cursor = [0]
     # (c) per-sample torchvision transforms in DataLoader workers.
-    loader = DataLoader(TwoViews(first.data.images, args.image_size, first.mean, first.std, rgb=args.channels == 3), batch_size=b, shuffle=True,
+    loader = DataLoader(TwoViews(first.source.images, args.image_size, first.mean, first.std, rgb=args.channels == 3), batch_size=b, shuffle=True,
                         num_workers=args.workers, drop_last=True, prefetch_factor=4,
                         pin_memory=device.type == "cuda")
     batches = [None]  # (a box: loader_step restarts the epoch when it ends)

@@ -155,6 +155,7 @@ class Trainer:
         # until then the schedule runs as if it had no end.
         total = self.steps_per_epoch * cfg.epochs if cfg.minutes is None else UNPLANNED
         self.schedule = WarmupCosine(total, warmup)
+        self.step_seconds = float("nan")  # measured by plan_budget
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -195,7 +196,7 @@ class Trainer:
         """Fix the run's length from ``steps_done`` steps timed at ``seconds`` in all: as many
         steps as fit in what remains of ``cfg.minutes`` (``elapsed`` seconds are spent), warm-up
         included, capped at a tenth of the run. Returns the step count."""
-        per_step = seconds / max(1, steps_done)
+        per_step = self.step_seconds = seconds / max(1, steps_done)
         remaining = self.cfg.minutes * 60 - elapsed
         # Every process must take the same number of steps: rank 0's plan.
         total = dist.broadcast_int(max(self.step + 1, self.step + int(remaining / per_step)), self.device)
@@ -205,6 +206,15 @@ class Trainer:
             log.info("time budget %.1f min: %.3f s a step over the first %d steps, so %d steps (%.2f epochs)",
                      self.cfg.minutes, per_step, steps_done, total, total / self.steps_per_epoch)
         return total
+
+    def shorten_budget(self, seconds: float) -> None:
+        """Take the steps that ``seconds`` of work inside a time-budgeted run (an epoch's save:
+        checkpoint, whitening fit) would have taken off the planned count, so the run still ends
+        on time; the cosine schedule ends with it."""
+        if self.cfg.minutes is None or not self.planned or not math.isfinite(self.step_seconds):
+            return  # (a resumed run has not timed its steps: it keeps its plan)
+        cut = dist.broadcast_int(round(seconds / self.step_seconds), self.device)
+        self.schedule.total_steps = max(self.step + 1, self.total_steps - cut)
 
     def _amp_dtype(self) -> torch.dtype | None:
         p = self.cfg.precision
@@ -361,6 +371,9 @@ class Trainer:
                 self.metrics.plot(cfg.out_dir / CURVES)
             if not finished:  # saves inside the run count against a time budget; the last one does not
                 train_seconds += time.perf_counter() - save_start
+                self.shorten_budget(time.perf_counter() - save_start)
+                if progress is not None and self.planned:
+                    progress.total = self.total_steps
         end_seconds = time.perf_counter() - budget_start - train_seconds
         if progress is not None:
             progress.close()
