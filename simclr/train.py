@@ -194,8 +194,8 @@ class Trainer:
 
     def plan_budget(self, steps_done: int, seconds: float, elapsed: float) -> int:
         """Fix the run's length from ``steps_done`` steps timed at ``seconds`` in all: as many
-        steps as fit in what remains of ``cfg.minutes`` (``elapsed`` seconds are spent), warm-up
-        included, capped at a tenth of the run. Returns the step count."""
+        steps as fit in what remains of ``cfg.minutes`` (``elapsed`` seconds are spent), with
+        the warm-up capped at a tenth of the run. Returns the step count."""
         per_step = self.step_seconds = seconds / max(1, steps_done)
         remaining = self.cfg.minutes * 60 - elapsed
         # Every process must take the same number of steps: rank 0's plan.
@@ -295,6 +295,7 @@ class Trainer:
         # start-up) are not timed for the plan.
         budget_start = time.perf_counter()
         timed_from, timed_step = None, 0
+        replan_at: list[int] = []
         train_seconds = 0.0
 
         def stop_step() -> int:
@@ -315,12 +316,22 @@ class Trainer:
                 window_steps += 1
                 epoch_steps += 1
                 self.step += 1
-                if not self.planned:
+                if cfg.minutes is not None and (not self.planned or replan_at):
                     now = time.perf_counter()
                     if timed_from is None and self.step - first - epoch * spe >= PROBE_SKIP:
                         timed_from, timed_step = now, self.step
-                    elif timed_from is not None and _probe_done(self.step - timed_step, now - timed_from, cfg.minutes):
+                    elif timed_from is not None and (
+                        self.step == replan_at[0] if replan_at
+                        # (rank 0 decides, so that every process plans at the same step)
+                        else dist.broadcast_int(int(_probe_done(self.step - timed_step, now - timed_from, cfg.minutes)), device)
+                    ):
+                        first_plan = not self.planned
                         self.plan_budget(self.step - timed_step, now - timed_from, now - budget_start)
+                        # Checked again at a quarter, half and three quarters of the steps left,
+                        # from the time per step so far, saves included: a machine that slows
+                        # down or speeds up mid-run still ends on time.
+                        replan_at = ([self.step + round(f * (self.total_steps - self.step)) for f in (0.25, 0.5, 0.75)]
+                                     if first_plan else replan_at[1:])
                         if progress is not None:
                             progress.total = self.total_steps
                 ends_epoch = self.step % spe == 0 or self.step >= stop_step()

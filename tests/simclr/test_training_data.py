@@ -153,6 +153,23 @@ def test_the_time_budget_plans_its_steps_from_the_first_ones(
     assert resumed.total_steps == 30 and resumed.step == 30
 
 
+def test_a_run_that_slows_down_still_ends_on_time(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps take 0.5 s, then 1 s from the eleventh on: planned at 30 steps from the first
+    ones, the run would take 25 s of a 15 s budget; the re-checks shorten it."""
+    clock = _Clock(step=0.5)
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    real_step = Trainer.train_step
+
+    def slowing_step(self: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        clock.now += 0.5 if self.step < 10 else 1.0
+        return real_step(self, x, g)
+
+    monkeypatch.setattr(Trainer, "train_step", slowing_step)
+    result = Trainer(_cfg(image_folder, tmp_path, epochs=None, minutes=0.25)).fit()
+    assert result.train_seconds == pytest.approx(15.0, abs=1.0)
+    assert result.steps == 20
+
+
 def test_a_budget_ending_inside_an_epoch_resumes_to_the_same_weights(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
