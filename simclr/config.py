@@ -32,19 +32,24 @@ OBSOLETE_OPTIONS = frozenset({"workers"})
 # "Photo collections").
 SMALL_IMAGE_SIZE = 32
 PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}
+# Colour jitter and blur: the grayscale demo's searched values for small images; SimCLR's
+# ImageNet values for photos, whose colour is otherwise the easiest thing to tell views apart by
+# (BENCHMARKS.md, "Photo collections").
+SMALL_IMAGE_AUGMENT = {"jitter_strength": 0.5, "blur_p": 0.0}
+PHOTO_AUGMENT = {"jitter_strength": 1.0, "blur_p": 0.5}
 # Defaults by device and kind of data, for the options left at None. On a CPU a run is a time
 # budget (the README demo's recipe was searched for about 10 minutes on 2 cores, BENCHMARKS.md);
 # on a GPU, the full recipe. Small images use a stem without down-sampling on the GPU; photos
 # keep ResNet's standard stem (7x7/2 + max-pool), made for them.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 256, "knn_every": 5,
-            "image_size": SMALL_IMAGE_SIZE},
+            "image_size": SMALL_IMAGE_SIZE, **SMALL_IMAGE_AUGMENT},
     "cpu-photos": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 128, "knn_every": 0,
-                   "image_size": PHOTO_IMAGE_SIZE["cpu"]},
+                   "image_size": PHOTO_IMAGE_SIZE["cpu"], **PHOTO_AUGMENT},
     "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10,
-             "image_size": SMALL_IMAGE_SIZE},
+             "image_size": SMALL_IMAGE_SIZE, **SMALL_IMAGE_AUGMENT},
     "cuda-photos": {"stem": "standard", "width": 64, "epochs": 100, "batch_size": 512, "knn_every": 10,
-                    "image_size": PHOTO_IMAGE_SIZE["cuda"]},
+                    "image_size": PHOTO_IMAGE_SIZE["cuda"], **PHOTO_AUGMENT},
 }
 
 
@@ -95,9 +100,9 @@ class TrainConfig:
     crop_max: float = 1.0
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    jitter_strength: float = 0.5
+    jitter_strength: float | None = None  # None: by kind of data (PROFILES)
     grayscale_p: float = 0.2
-    blur_p: float = 0.0
+    blur_p: float | None = None
     # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
     whiten: bool = True
     whiten_shrinkage: float = DEFAULT_SHRINKAGE
@@ -193,9 +198,10 @@ class TrainConfig:
             crop_scale=(self.crop_min, self.crop_max),
             flip_p=self.flip_p,
             jitter_p=self.jitter_p,
-            jitter_strength=self.jitter_strength,
+            # (before resolve fills them in, the small-image values stand in for checking)
+            jitter_strength=SMALL_IMAGE_AUGMENT["jitter_strength"] if self.jitter_strength is None else self.jitter_strength,
             grayscale_p=self.grayscale_p if channels > 1 else 0.0,
-            blur_p=self.blur_p,
+            blur_p=SMALL_IMAGE_AUGMENT["blur_p"] if self.blur_p is None else self.blur_p,
         )
 
     def conflicts(self, other: "TrainConfig", only: set[str] | None = None) -> list[str]:
