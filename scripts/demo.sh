@@ -2,7 +2,8 @@
 # Install everything, then the main job on Fashion-MNIST: train an encoder (about 10 minutes on a
 # laptop CPU; the full recipe on a GPU), report its kNN accuracy, index the 70k images, serve the app.
 # Work already done is skipped: a second run goes straight to the app.
-# Options go to `retrieval train` (for example: --epochs 20).
+# Options go to `retrieval train` (for example: --minutes 30, or --epochs 20; on a CPU the default is
+# a 10-minute budget: the step count is fixed from the first steps' time so that the run ends on time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
