@@ -13,7 +13,8 @@ speckle, tiles, in random colours), with a soft shadow, shading, background clut
 primitives and now and then a small object of another class), blur, a colour cast and sensor
 noise. Every class draws its colours from the same distribution and every shape has random
 parameters (number of gear teeth, ring thickness, bottle proportions, key bits ...), so the
-classes differ by shape only: colour histograms and raw pixels do not separate them.
+classes differ by shape only: colour histograms and plain raw pixels at 32 px classify them at
+chance (whitened pixels at 96 px reach 28.5%, BENCHMARKS.md "Photo collections").
 
 Layout (``retrieval``'s folder loader labels each image by its first-level subfolder)::
 
