@@ -38,10 +38,15 @@ def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET)
     """
     if n <= EXACT_LIMIT:
         return "Flat"
-    nlist = 2 ** int(round(math.log2(4 * math.sqrt(n))))
+    nlist = ivf_lists(n)
     if n * 4 * dim <= memory_budget:
         return f"IVF{nlist},Flat"
     return f"IVF{nlist},PQ{_pq_subquantizers(dim)}"
+
+
+def ivf_lists(n: int) -> int:
+    """The number of inverted lists for ``n`` vectors: the power of two nearest 4 sqrt(n)."""
+    return 2 ** int(round(math.log2(4 * math.sqrt(n))))
 
 
 def _pq_subquantizers(dim: int) -> int:

@@ -63,6 +63,34 @@ class AnomalyInfo:
 
 
 @dataclass
+class DuplicatesInfo:
+    """The near-duplicate threshold, calibrated at build time: the ``percentile``th percentile of
+    the similarity of ``count`` sampled items to an altered copy of themselves (re-encoded,
+    resized, cropped ...: ``alterations`` says how far), ``copies_bound``, raised to
+    ``neighbours_bound``, the ``neighbour_percentile``th percentile of items' similarity to
+    their ``neighbour_k``-th nearest neighbour, where that is higher."""
+
+    threshold: float
+    percentile: float
+    count: int
+    alterations: str = ""
+    method: str = "altered-copies"
+    copies_bound: float | None = None
+    neighbours_bound: float | None = None
+    neighbour_k: int | None = None
+    neighbour_percentile: float | None = None
+
+    def describe(self, when: str | None = "at build time") -> str:
+        text = (f"{'calibrated ' + when + ': ' if when else ''}the {self.percentile:g}th percentile of the similarity "
+                f"of {self.count} items to an altered copy of themselves")
+        if self.neighbours_bound is not None and self.copies_bound is not None and self.neighbours_bound > self.copies_bound:
+            text += (f" ({self.copies_bound:.4f}), raised to the {self.neighbour_percentile:g}th percentile of items' "
+                     f"similarity to their {self.neighbour_k}th nearest neighbour: this encoder puts distinct images "
+                     f"closer together than altered copies, so some copies will be missed")
+        return text
+
+
+@dataclass
 class MapInfo:
     """The gallery's 2-D map, computed at build time: ``points`` (m, 3) rows of item id, x, y;
     ``basis`` (d + 1, 2) with ``[vector, 1] @ basis = (x, y)``."""
@@ -103,6 +131,7 @@ class Manifest:
     calibration: CalibrationInfo | None = None
     anomaly: AnomalyInfo | None = None
     map: MapInfo | None = None
+    duplicates: DuplicatesInfo | None = None
     created_at: str = ""
     updated_at: str = ""
     format_version: int = FORMAT_VERSION
@@ -127,6 +156,7 @@ class Manifest:
         data["calibration"] = _typed(CalibrationInfo, data.get("calibration"), where, "calibration")
         data["map"] = _typed(MapInfo, data.get("map"), where, "map")
         data["anomaly"] = _typed(AnomalyInfo, data.get("anomaly"), where, "anomaly")
+        data["duplicates"] = _typed(DuplicatesInfo, data.get("duplicates"), where, "duplicates")
         data["format_version"] = FORMAT_VERSION
         known = {f.name for f in fields(cls)}
         try:

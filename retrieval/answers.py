@@ -17,6 +17,7 @@ class Hit:
     similarity: float
     ref: str
     label: str | None
+    folded: list[int] | None = None  # ids of hits that duplicate this one (query --exclude-duplicates)
 
 
 @dataclass
@@ -54,4 +55,7 @@ class Answer:
         d = asdict(self)
         if self.anomaly is not None:
             d["anomaly"]["verdict"] = self.anomaly.verdict
+        for hit in d["hits"]:
+            if hit["folded"] is None:
+                del hit["folded"]
         return {k: v for k, v in d.items() if v is not None}

@@ -19,6 +19,7 @@ import torch
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
 from retrieval.anomaly import WHITENED, AnomalySpace, calibrate, stored_space
+from retrieval.duplicate_threshold import calibrate_threshold
 from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
@@ -148,7 +149,8 @@ def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> None:
 
 
 def _calibrate_and_map(store: IndexStore, encoder: Encoder, cfg: IndexConfig) -> None:
-    """The arrays fit on the whole gallery: the anomaly calibration and the app's 2-D map."""
+    """What is fit on the whole gallery: the anomaly calibration, the app's 2-D map and the
+    near-duplicate threshold."""
     if store.manifest.anomaly is not None:
         from index.ann import L2Table
 
@@ -166,6 +168,11 @@ def _calibrate_and_map(store: IndexStore, encoder: Encoder, cfg: IndexConfig) ->
     m = MapInfo()
     store.arrays[m.points], store.arrays[m.basis] = emap.points, emap.basis
     store.manifest.map = m
+    try:
+        store.manifest.duplicates = calibrate_threshold(store, encoder).info()
+    except RetrievalError as exc:  # the index is still useful: `retrieval duplicates --threshold` works
+        log.warning("no near-duplicate threshold stored: %s", exc)
+        store.manifest.duplicates = None
 
 
 def _encoder_summary(encoder: Encoder) -> EncoderInfo:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from index import IndexStore
+    from index.manifest import DuplicatesInfo
     from simclr.encoder import Encoder
 
 
@@ -26,6 +27,7 @@ class IndexFacts:
     created: str
     updated: str
     anomaly: str | None  # the calibration in words, None without one
+    duplicates: str | None = None  # the near-duplicate threshold in words, None without one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +44,8 @@ class IndexFacts:
         ]
         if self.anomaly:
             out.append(f"anomaly    {self.anomaly}")
+        if self.duplicates:
+            out.append(f"duplicates {self.duplicates}")
         out.append(f"created    {self.created}, updated {self.updated}")
         return out
 
@@ -66,8 +70,12 @@ def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
         metric=m.metric, sources=list(m.sources),
         encoder=f"{e.arch or '?'} ({e.stem or '?'} stem, {e.image_size or '?'}px, {e.in_channels or '?'}ch{whitened})",
         encoder_sha256=m.encoder_sha256, trained_on=e.trained_on, created=m.created_at, updated=m.updated_at,
-        anomaly=anomaly,
+        anomaly=anomaly, duplicates=_duplicates(m.duplicates),
     )
+
+
+def _duplicates(info: DuplicatesInfo | None) -> str | None:
+    return None if info is None else f"threshold {info.threshold:.4f}, {info.describe()}"
 
 
 def describe_folder(path: str | Path) -> IndexFacts:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from index.ann import DEFAULT_MEMORY_BUDGET
 from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE
+from retrieval.duplicates import DEFAULT_K as DUPLICATE_K
 from retrieval.errors import RetrievalError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
@@ -26,6 +27,8 @@ class Options:
     percentile: float | None = None  # None: the index's calibrated percentile
     nprobe: int | None = None
     ef_search: int | None = None
+    exclude_duplicates: bool = False  # fold hits that duplicate a better hit into it
+    duplicate_threshold: float | None = None  # None: the index's calibrated threshold
 
     def check(self) -> None:
         for name in ("k", "knn_k"):
@@ -38,6 +41,8 @@ class Options:
         for name in ("nprobe", "ef_search"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RetrievalError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.duplicate_threshold is not None and not -1.0 <= self.duplicate_threshold <= 1.0:
+            raise RetrievalError(f"duplicate threshold must be a cosine similarity in [-1, 1], got {self.duplicate_threshold}")
 
 
 @dataclass
@@ -57,3 +62,21 @@ class IndexConfig:
     percentile: float = DEFAULT_PERCENTILE
     anomaly_shrinkage: float = DEFAULT_SHRINKAGE
     progress: bool = True
+
+
+@dataclass
+class DuplicateConfig:
+    """Options of ``retrieval duplicates`` (its defaults are these)."""
+
+    threshold: float | None = None  # None: the index's calibrated threshold
+    k: int = DUPLICATE_K
+    nprobe: int | None = None  # None: duplicates.SCAN_NPROBE
+    device: str = "auto"  # for a calibration on demand
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise RetrievalError(f"k must be >= 1, got {self.k}")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise RetrievalError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise RetrievalError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")

@@ -33,6 +33,7 @@ from retrieval.anomaly import (
     stored_space,
 )
 from retrieval.answers import AnomalyScore, Answer, Hit, Prediction
+from retrieval.duplicates import FOLD_DEPTH, fold_hits
 from retrieval.errors import RetrievalError
 from retrieval.info import IndexFacts, describe
 from retrieval.options import Options
@@ -71,6 +72,7 @@ class Service:
         self._label_cache: np.ndarray | None = None
         self.space = stored_space(store)
         self._anomaly_table = None  # built on first use
+        self._duplicate_threshold: tuple[float, str] | None = None  # measured on first use when not stored
         saved = stored_calibration(store)
         if saved is not None:
             self._calibrations[saved.k] = saved
@@ -175,6 +177,19 @@ class Service:
             cal = Calibration(cal.k, cal.scores, percentile)
         return cal
 
+    def duplicate_threshold(self) -> tuple[float, str]:
+        """The index's near-duplicate threshold and where it comes from, in words (measured once,
+        with this service's encoder, when the index has none stored)."""
+        if self._duplicate_threshold is None:
+            from retrieval.duplicate_threshold import calibrate_threshold, measured, resolve_threshold
+
+            if self.store.manifest.duplicates is not None:
+                self._duplicate_threshold = resolve_threshold(self.store, None)
+            else:
+                with self._lock:
+                    self._duplicate_threshold = measured(calibrate_threshold(self.store, self.encoder))
+        return self._duplicate_threshold
+
     def answer_vectors(self, queries: Sequence[str], q: QueryVectors, opts: Options) -> list[Answer]:
         """Answers for embedded queries (one index search for the whole batch, and one in the
         anomaly space when scores are asked for).
@@ -188,7 +203,12 @@ class Service:
         count = store.manifest.count
         anomaly_k = opts.anomaly_k or self._default_anomaly_k()
         legacy = self.space is None  # cosine anomaly scores on the search results
-        wanted = max(opts.k, opts.knn_k if opts.classify else 0, anomaly_k if opts.anomaly and legacy else 0)
+        fold_at = None
+        depth = opts.k
+        if opts.exclude_duplicates:
+            fold_at = opts.duplicate_threshold if opts.duplicate_threshold is not None else self.duplicate_threshold()[0]
+            depth = opts.k * FOLD_DEPTH
+        wanted = max(depth, opts.knn_k if opts.classify else 0, anomaly_k if opts.anomaly and legacy else 0)
         ok = [i for i, e in enumerate(errors) if e is None]
         answers = [Answer(query=str(q), error=e) for q, e in zip(queries, errors)]
         if not ok:
@@ -221,8 +241,10 @@ class Service:
             a.note = note
             a.hits = [
                 Hit(rank=r + 1, id=int(j), similarity=float(s), ref=store.items.refs[j], label=labels[j])
-                for r, (s, j) in enumerate(zip(sims[row, : opts.k], ids[row, : opts.k])) if j >= 0
+                for r, (s, j) in enumerate(zip(sims[row, :depth], ids[row, :depth])) if j >= 0
             ]
+            if fold_at is not None:
+                a.hits = fold_hits(a.hits, store.vectors, store.items.hashes, fold_at)[: opts.k]
             if probs is not None:
                 p = probs[row]
                 a.prediction = Prediction(

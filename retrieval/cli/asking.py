@@ -51,6 +51,10 @@ def query(
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = Options.k,
     nprobe: Annotated[Optional[int], typer.Option(help="IVF lists to visit (approximate indexes).")] = None,
     ef_search: Annotated[Optional[int], typer.Option(help="HNSW search breadth (approximate indexes).")] = None,
+    exclude_duplicates: Annotated[bool, typer.Option(
+        help="Fold hits that duplicate a better hit into it (listed under it; see `retrieval duplicates`).")] = False,
+    duplicate_threshold: Annotated[Optional[float], typer.Option(
+        help="Similarity above which a hit duplicates a better one (default: the index's calibrated threshold).")] = None,
     from_file: FromFile = None,
     encoder: EncoderOpt = None,
     force: ForceOpt = False,
@@ -64,9 +68,13 @@ def query(
         if a.note:
             typer.echo(f"  note: {a.note}")
         for h in a.hits:
-            typer.echo(f"  {h.rank:>3}  {h.similarity:.4f}  {(h.label or '-'):<16} {h.ref}")
+            folded = (f"  (+{len(h.folded)} duplicate{'s' if len(h.folded) > 1 else ''}: "
+                      f"{' '.join(f'id:{i}' for i in h.folded)})" if h.folded else "")
+            typer.echo(f"  {h.rank:>3}  {h.similarity:.4f}  {(h.label or '-'):<16} {h.ref}{folded}")
 
-    _answer(index_dir, images or [], from_file, encoder, force, device, as_json, Options(k=k, nprobe=nprobe, ef_search=ef_search), show)
+    opts = Options(k=k, nprobe=nprobe, ef_search=ef_search, exclude_duplicates=exclude_duplicates,
+                   duplicate_threshold=duplicate_threshold)
+    _answer(index_dir, images or [], from_file, encoder, force, device, as_json, opts, show)
 
 
 @app.command()

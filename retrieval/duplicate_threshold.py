@@ -1,0 +1,183 @@
+"""The near-duplicate threshold, calibrated on the index itself.
+
+How similar is a picture to a re-encoded, resized, cropped or brightened copy of itself? That
+depends on the encoder and on the kind of pictures, so it is measured on the index: a sample
+of items is read back from the index's sources, each altered at random
+(:func:`retrieval.alterations.alter`) and embedded, and its similarity to the item's own
+vector taken. The threshold is a low percentile of those similarities: most altered copies
+are more similar than it.
+
+Where the encoder puts distinct pictures closer together than altered copies, that
+percentile would chain most of the collection into a few huge groups. So the threshold is
+raised, if need be, to a high percentile of the items' similarity to their 10th nearest
+neighbour: ten or more copies of one picture are rare, so few items should have that many
+neighbours above the threshold. The raise trades recall for precision, and the description
+of the threshold says when it happened. It is measured at build time and kept in the manifest
+(:class:`index.manifest.DuplicatesInfo`); an index built before has it measured on demand
+(cached nowhere: readers never write into the index folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from common.errors import UserError
+from retrieval.alterations import DEFAULT_RANGES, AlterationRanges, alter
+from retrieval.errors import RetrievalError
+from retrieval.item_source import ItemSource
+
+if TYPE_CHECKING:
+    from index import IndexStore
+    from index.manifest import DuplicatesInfo
+    from simclr.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 200
+PERCENTILE = 5.0  # see BENCHMARKS.md, "Near-duplicates"
+MIN_SAMPLE = 20
+BATCH = 256
+NEIGHBOUR_K = 10
+NEIGHBOUR_PERCENTILE = 99.0
+NEIGHBOUR_SAMPLE = 2000
+
+
+@dataclass
+class ThresholdCalibration:
+    """The similarities (m,) of ``m`` sampled items to an altered copy of themselves, and of
+    other sampled items to their ``NEIGHBOUR_K``-th nearest neighbour; the threshold is the
+    ``percentile``th percentile of the first, raised to the ``neighbour_percentile``th of the
+    second where that is higher."""
+
+    similarities: np.ndarray
+    ids: np.ndarray
+    percentile: float
+    neighbours: np.ndarray | None = None
+    neighbour_percentile: float = NEIGHBOUR_PERCENTILE
+
+    @property
+    def copies_bound(self) -> float:
+        return float(np.percentile(self.similarities, self.percentile))
+
+    @property
+    def neighbours_bound(self) -> float | None:
+        if self.neighbours is None or not np.isfinite(self.neighbours).any():
+            return None
+        return float(np.nanpercentile(self.neighbours, self.neighbour_percentile))
+
+    @property
+    def threshold(self) -> float:
+        return max(self.copies_bound, self.neighbours_bound if self.neighbours_bound is not None else -1.0)
+
+    def info(self, ranges: AlterationRanges = DEFAULT_RANGES) -> DuplicatesInfo:
+        from index.manifest import DuplicatesInfo
+
+        return DuplicatesInfo(threshold=self.threshold, percentile=self.percentile, count=int(self.similarities.size),
+                              alterations=ranges.describe(), copies_bound=self.copies_bound,
+                              neighbours_bound=self.neighbours_bound, neighbour_k=NEIGHBOUR_K,
+                              neighbour_percentile=self.neighbour_percentile)
+
+
+def neighbour_similarities(store: IndexStore, k: int = NEIGHBOUR_K, sample: int = NEIGHBOUR_SAMPLE,
+                           seed: int = 0) -> np.ndarray:
+    """Each of ``sample`` random items' similarity to its ``k``-th nearest other content, through
+    the index's search (NaN where the index returns fewer)."""
+    from retrieval.duplicates import content_firsts
+
+    n = store.manifest.count
+    first = content_firsts(store.items.hashes)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    x = np.asarray(store.vectors[rows], dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims, ids = store.search(x, 2 * k + 1)
+    other = (ids >= 0) & (first[np.maximum(ids, 0)] != first[rows][:, None])
+    at = np.argmax(np.cumsum(other, axis=1) >= k, axis=1)
+    return np.where(other.sum(1) >= k, sims[np.arange(len(rows)), at], np.nan).astype(np.float32)
+
+
+def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPLE, percentile: float = PERCENTILE,
+                        seed: int = 0, ranges: AlterationRanges = DEFAULT_RANGES) -> ThresholdCalibration:
+    """Measure the similarity of ``sample`` random items to an altered copy of themselves.
+
+    Items whose image cannot be read back (moved files, files outside the index's folders) are
+    passed over for others.
+
+    Raises:
+        RetrievalError: fewer than :data:`MIN_SAMPLE` items could be read.
+    """
+    import torch
+
+    from simclr.images import image_to_tensor, match_channels, pil_to_tensor
+
+    if not 0 < percentile < 100:
+        raise RetrievalError(f"threshold percentile must lie in (0, 100), got {percentile}")
+    n = store.manifest.count
+    want = min(sample, n)
+    rng = np.random.default_rng(seed)
+    source = ItemSource(store.items.refs, store.manifest.sources)
+    spec = encoder.spec
+    ids, tensors, failures = [], [], []
+    for i in rng.permutation(n):
+        if len(ids) == want or len(failures) > max(want, 100):
+            break
+        try:
+            im = source.open(int(i))
+        except UserError as exc:
+            failures.append(str(exc))
+            continue
+        altered, _ = alter(im, rng, ranges)
+        if source.in_dataset(int(i)):
+            # Data-set items were embedded from their pixels at the data set's size (the encoder
+            # resizes them): the copy goes the same way, so that an unaltered one matches exactly.
+            altered = altered.resize(im.size, Image.Resampling.BICUBIC).convert(im.mode)
+            tensors.append(match_channels(pil_to_tensor(altered)[None], spec.in_channels)[0])
+        else:  # files were read with read_image: decoded, resized and centre-cropped
+            tensors.append(image_to_tensor(altered, spec.image_size, spec.in_channels))
+        ids.append(int(i))
+    if len(ids) < min(MIN_SAMPLE, n):
+        reason = f" ({failures[0]})" if failures else ""
+        raise RetrievalError(f"cannot calibrate the duplicate threshold: only {len(ids)} of the {len(ids) + len(failures)} "
+                             f"items tried could be read back{reason}; pass --threshold")
+    if failures:
+        log.warning("duplicate calibration: %d items could not be read back and were passed over (%s)",
+                    len(failures), failures[0])
+    copies = np.zeros((len(ids), encoder.dim), np.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for row, t in enumerate(tensors):
+        by_shape.setdefault(tuple(t.shape), []).append(row)
+    for rows in by_shape.values():
+        for s in range(0, len(rows), BATCH):
+            chunk = rows[s : s + BATCH]
+            copies[chunk] = encoder.embed(torch.stack([tensors[r] for r in chunk])).cpu().numpy()
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    own = np.asarray(store.vectors[np.sort(ids_arr)], dtype=np.float32)[np.argsort(np.argsort(ids_arr))]
+    own /= np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
+    return ThresholdCalibration((copies * own).sum(1).astype(np.float32), ids_arr, percentile,
+                                neighbour_similarities(store, seed=seed))
+
+
+def resolve_threshold(store: IndexStore, threshold: float | None, device: str = "auto") -> tuple[float, str]:
+    """The threshold to use and where it comes from, in words: ``threshold`` when given, else
+    the index's stored calibration, else one measured now with the index's encoder."""
+    if threshold is not None:
+        return float(threshold), "given"
+    info = store.manifest.duplicates
+    if info is not None:
+        return float(info.threshold), info.describe()
+    from retrieval.service import check_encoder
+    from simclr.device import pick_device
+    from simclr.encoder import Encoder
+
+    encoder = Encoder.load(store.encoder_path, pick_device(device))
+    check_encoder(store, encoder)
+    return measured(calibrate_threshold(store, encoder))
+
+
+def measured(cal: ThresholdCalibration) -> tuple[float, str]:
+    """A calibration measured on demand: its threshold and that in words."""
+    return cal.threshold, "calibrated now (the index has no stored calibration): " + cal.info().describe(when=None)
