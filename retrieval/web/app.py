@@ -20,6 +20,7 @@ from PIL import Image
 
 from common.errors import UserError
 from retrieval.answers import Answer
+from retrieval.duplicates import DuplicateReport, report
 from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
 from retrieval.service import Options, Service
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 MAX_BATCH = 16
 CACHE_SECONDS = 3600
+DUPLICATE_GROUPS = 60  # groups the Duplicates view shows (the largest)
+DUPLICATE_ROWS = 2000  # members listed in its table at most
+DUPLICATE_SCANS = 4  # scans kept (the latest thresholds asked for)
+SHEET_ITEMS = 8  # thumbnails per group (two rows of four)
+DUPLICATES_DOC = ("Items that are the same picture: exact copies (same file content) and near duplicates "
+                  "(re-encoded, resized, slightly cropped, brightened ...). Leave the threshold empty for the "
+                  "index's calibrated one.")
 
 HOW_TO_BUILD = """
 # No index yet
@@ -63,6 +71,15 @@ class SearchResult:
     position: tuple[float, float] | None
 
 
+@dataclass
+class DuplicatesView:
+    """What the Duplicates view shows: a sheet of thumbnails per group, a summary, a member table."""
+
+    gallery: list[tuple[str, str]]  # (sheet file, caption)
+    summary: str
+    rows: list[list[Any]]  # group, kind, id, similarity, label, ref
+
+
 class WebApp:
     """Handlers for one loaded index."""
 
@@ -77,6 +94,7 @@ class WebApp:
         self._map: EmbeddingMap | None = None
         self._plot: MapPlot | None = None
         self._map_points = map_points
+        self._duplicates: dict[float, DuplicateReport] = {}
 
     # ------------------------------------------------------------------ handlers
     def search(self, images: list[str | Image.Image | None], ks: list[int]) -> list[SearchResult]:
@@ -113,6 +131,44 @@ class WebApp:
             ids.append(hit.id)
         label = answer.prediction.probabilities if answer.prediction and answer.prediction.label else None
         return SearchResult(gallery, label, _anomaly_text(answer), ids, None)
+
+    def duplicates(self, threshold: str | float | None = None) -> DuplicatesView:
+        """The index's duplicate groups at ``threshold`` (None or empty text: its calibrated one),
+        the largest :data:`DUPLICATE_GROUPS` of them shown. The scans of the latest
+        :data:`DUPLICATE_SCANS` thresholds are kept, so that going back to one is instant."""
+        text = "" if threshold is None else str(threshold).strip()
+        if not text:
+            value, source = self.service.duplicate_threshold()
+        else:
+            try:
+                value, source = float(text), "given"
+            except ValueError:
+                raise RetrievalError(f"threshold must be a number, got {text!r}") from None
+            if not -1.0 <= value <= 1.0:
+                raise RetrievalError(f"threshold must be a cosine similarity in [-1, 1], got {value}")
+        key = round(value, 6)
+        rep = self._duplicates.pop(key, None) or report(self.service.store, value, source)
+        self._duplicates[key] = rep  # re-inserted: the dict's order is the order of use
+        while len(self._duplicates) > DUPLICATE_SCANS:
+            self._duplicates.pop(next(iter(self._duplicates)))
+        gallery, rows = [], []
+        for n, g in enumerate(rep.groups[:DUPLICATE_GROUPS], 1):
+            path = self.thumbnails / f"duplicates-{key:.6f}-{n}.png"
+            if not path.exists():
+                self.images.sheet([m.id for m in g.members[:SHEET_ITEMS]]).save(path)
+            more = f" (first {SHEET_ITEMS} shown)" if g.size > SHEET_ITEMS else ""
+            least = min(m.similarity for m in g.members)
+            gallery.append((str(path), f"group {n} · {g.kind} · {g.size} items{more} · least similarity {least:.3f}"))
+            rows += [[n, g.kind, m.id, round(m.similarity, 4), m.label or "", m.ref] for m in g.members]
+        c = rep.counts()
+        shown = f"; the largest {DUPLICATE_GROUPS} shown" if len(rep.groups) > DUPLICATE_GROUPS else ""
+        if len(rows) > DUPLICATE_ROWS:
+            shown += f"; the table lists their first {DUPLICATE_ROWS:,} members of {len(rows):,}"
+            rows = rows[:DUPLICATE_ROWS]
+        summary = (f"**{c['near']} near-duplicate** and **{c['exact']} exact-copy** groups "
+                   f"({sum(g.size for g in rep.groups):,} of {rep.items:,} images){shown}  \n"
+                   f"threshold **{rep.threshold:.4f}** ({rep.threshold_source}); {rep.search}; {rep.seconds:.1f} s")
+        return DuplicatesView(gallery, summary, rows)
 
     def item_image(self, item_id: int) -> Image.Image:
         return self.images.image(item_id)
@@ -167,59 +223,92 @@ class WebApp:
         )
 
     # ------------------------------------------------------------------ layout
+    def _search_tab(self, examples: list[tuple[Image.Image, str]]) -> None:
+        hits = gr.State([])
+        position = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                query = gr.Image(label="Query image", type="filepath", sources=["upload", "clipboard", "webcam"], height=260)
+                k = gr.Slider(1, 50, value=10, step=1, label="Results (k)")
+                button = gr.Button("Search", variant="primary")
+                example_row = gr.Gallery(value=examples, label="Examples from the index (click one)", columns=8,
+                                         height=110, allow_preview=False, object_fit="contain")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=5, height=330,
+                                     allow_preview=False, object_fit="contain", elem_id="results")
+                with gr.Row():
+                    label = gr.Label(label="kNN label", num_top_classes=5, elem_id="knn-label")
+                    anomaly = gr.Markdown("", elem_id="anomaly")
+        plot = gr.Image(value=self.map_image(None), type="pil", interactive=False, show_label=True, buttons=["download"],
+                        label="Embedding map (PCA of the index; the query is the black star)", elem_id="map")
+
+        def run(images: list, ks: list) -> tuple[list, list, list, list, list]:
+            try:
+                results = self.search(images, ks)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+            except Exception as exc:  # never a stack trace in the UI; the server keeps serving
+                log.exception("search failed")
+                raise gr.Error(f"search failed: {type(exc).__name__}") from None
+            return ([r.gallery for r in results], [r.label for r in results], [r.anomaly for r in results],
+                    [r.hit_ids for r in results], [r.position for r in results])
+
+        outputs = [gallery, label, anomaly, hits, position]
+        search_event = dict(fn=run, inputs=[query, k], outputs=outputs, batch=True, max_batch_size=MAX_BATCH)
+        button.click(**search_event, api_name="search").then(
+            self.map_image, inputs=position, outputs=plot, api_visibility="private")
+        query.upload(**search_event, api_visibility="private").then(
+            self.map_image, inputs=position, outputs=plot, api_visibility="private")
+
+        def pick(ids: list[int], evt: gr.SelectData) -> Image.Image:
+            try:
+                return self.item_image(ids[evt.index])
+            except (IndexError, TypeError, UserError) as exc:
+                raise gr.Error(f"cannot open that image: {exc}") from None
+
+        chosen = gr.State(list(self.example_ids))
+        for source, ids in ((gallery, hits), (example_row, chosen)):
+            source.select(pick, inputs=ids, outputs=query, api_visibility="private").then(
+                **search_event, api_visibility="private").then(
+                self.map_image, inputs=position, outputs=plot, api_visibility="private")
+
+    def _duplicates_tab(self) -> None:
+        stored = self.service.store.manifest.duplicates
+        calibrated = "calibrated" if stored is None else f"the calibrated {stored.threshold:.4f}"
+        gr.Markdown(DUPLICATES_DOC)
+        with gr.Row():
+            # A text box, not a number box: an empty number box sends 0, which would group everything.
+            threshold = gr.Textbox(value="", label=f"Similarity threshold (empty: {calibrated})",
+                                   placeholder="e.g. 0.9", max_lines=1)
+            find = gr.Button("Find duplicates", variant="primary")
+        summary = gr.Markdown("", elem_id="duplicates-summary")
+        sheets = gr.Gallery(label="Groups, largest first", columns=4, height=560, allow_preview=False,
+                            object_fit="contain", elem_id="duplicate-groups")
+        table = gr.Dataframe(headers=["group", "kind", "id", "similarity", "label", "ref"], interactive=False,
+                             label="Members (similarity to the group's first member)")
+
+        def run(value: str | None) -> tuple[list, str, list]:
+            try:
+                view = self.duplicates(value)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+            except Exception as exc:  # never a stack trace in the UI; the server keeps serving
+                log.exception("duplicate scan failed")
+                raise gr.Error(f"duplicate scan failed: {type(exc).__name__}") from None
+            return view.gallery, view.summary, view.rows
+
+        find.click(run, inputs=threshold, outputs=[sheets, summary, table], api_name="duplicates")
+
     def build(self) -> gr.Blocks:
         self.embedding_map()
         examples = self.examples()
         # Uploads, results and maps that Gradio caches as files are deleted after an hour.
         with gr.Blocks(title="Image retrieval", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
             gr.Markdown("## Image retrieval\n" + self.facts_markdown())
-            hits = gr.State([])
-            position = gr.State(None)
-            with gr.Row():
-                with gr.Column(scale=1):
-                    query = gr.Image(label="Query image", type="filepath", sources=["upload", "clipboard", "webcam"], height=260)
-                    k = gr.Slider(1, 50, value=10, step=1, label="Results (k)")
-                    button = gr.Button("Search", variant="primary")
-                    example_row = gr.Gallery(value=examples, label="Examples from the index (click one)", columns=8,
-                                             height=110, allow_preview=False, object_fit="contain")
-                with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=5, height=330,
-                                         allow_preview=False, object_fit="contain", elem_id="results")
-                    with gr.Row():
-                        label = gr.Label(label="kNN label", num_top_classes=5, elem_id="knn-label")
-                        anomaly = gr.Markdown("", elem_id="anomaly")
-            plot = gr.Image(value=self.map_image(None), type="pil", interactive=False, show_label=True, buttons=["download"],
-                            label="Embedding map (PCA of the index; the query is the black star)", elem_id="map")
-
-            def run(images: list, ks: list) -> tuple[list, list, list, list, list]:
-                try:
-                    results = self.search(images, ks)
-                except UserError as exc:
-                    raise gr.Error(str(exc)) from None
-                except Exception as exc:  # never a stack trace in the UI; the server keeps serving
-                    log.exception("search failed")
-                    raise gr.Error(f"search failed: {type(exc).__name__}") from None
-                return ([r.gallery for r in results], [r.label for r in results], [r.anomaly for r in results],
-                        [r.hit_ids for r in results], [r.position for r in results])
-
-            outputs = [gallery, label, anomaly, hits, position]
-            search_event = dict(fn=run, inputs=[query, k], outputs=outputs, batch=True, max_batch_size=MAX_BATCH)
-            button.click(**search_event, api_name="search").then(
-                self.map_image, inputs=position, outputs=plot, api_visibility="private")
-            query.upload(**search_event, api_visibility="private").then(
-                self.map_image, inputs=position, outputs=plot, api_visibility="private")
-
-            def pick(ids: list[int], evt: gr.SelectData) -> Image.Image:
-                try:
-                    return self.item_image(ids[evt.index])
-                except (IndexError, TypeError, UserError) as exc:
-                    raise gr.Error(f"cannot open that image: {exc}") from None
-
-            chosen = gr.State(list(self.example_ids))
-            for source, ids in ((gallery, hits), (example_row, chosen)):
-                source.select(pick, inputs=ids, outputs=query, api_visibility="private").then(
-                    **search_event, api_visibility="private").then(
-                    self.map_image, inputs=position, outputs=plot, api_visibility="private")
+            with gr.Tab("Search"):
+                self._search_tab(examples)
+            with gr.Tab("Duplicates"):
+                self._duplicates_tab()
         return demo
 
 
