@@ -255,7 +255,7 @@ def scan_search(store: IndexStore, nprobe: int | None = None,
     n = store.manifest.count
     factory = store.manifest.factory
     nprobe = nprobe or SCAN_NPROBE
-    if isinstance(faiss.downcast_index(store.index), faiss.IndexFlat) and n > flat_limit:
+    if ann.is_exhaustive(store.index) and n > flat_limit:
         factory = f"IVF{ann.ivf_lists(n)},Flat"
         start = time.perf_counter()
         index, _ = ann.build(store.vectors, factory)
@@ -278,7 +278,8 @@ def scan_search(store: IndexStore, nprobe: int | None = None,
 def approximate_similarities(store: IndexStore) -> bool:
     """Whether the index's similarities are approximate (quantised codes): then the pairs'
     similarities are recomputed from the stored vectors before the threshold applies."""
-    return any(code in store.manifest.factory for code in ("PQ", "SQ", "LSH"))
+    factory = store.manifest.factory
+    return any(code in factory for code in ("PQ", "SQ4", "SQ6", "SQ8", "SQbf16", "LSH"))
 
 
 def scan(store: IndexStore, threshold: float, k: int = DEFAULT_K, nprobe: int | None = None,

@@ -9,12 +9,47 @@ from tests.helpers import brute_force, clustered, unit
 
 def test_flat_equals_brute_force() -> None:
     base, queries = clustered(2000, 24, 0, queries=50)
-    index, factory = ann.build(base, "auto")
-    assert factory == "Flat"
+    index, factory = ann.build(base, "Flat")
     sims, ids = ann.search(index, queries, 10)
     ref_sims, ref_ids = brute_force(base, queries, 10)
     np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
     assert (ids == ref_ids).mean() > 0.999  # ties aside, the same neighbours in the same order
+
+
+def test_auto_exhaustive_index_equals_brute_force_on_the_stored_float16_vectors() -> None:
+    base, queries = clustered(2000, 24, 0, queries=50)
+    index, factory = ann.build(base, "auto")
+    assert factory == ann.EXHAUSTIVE and ann.is_exhaustive(index)
+    stored = base.astype(np.float16).astype(np.float32)  # what the index folder keeps
+    sims, ids = ann.search(index, queries, 10)
+    ref_sims, ref_ids = brute_force(stored, queries, 10)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (ids == ref_ids).mean() > 0.999
+    # against the float32 originals: float16 rounding only
+    np.testing.assert_allclose(sims, brute_force(base, queries, 10)[0], atol=2e-3)
+
+
+def test_as_flat_keeps_the_vectors_and_the_metric() -> None:
+    base, queries = clustered(500, 16, 1, queries=20)
+    for metric in (ann.faiss.METRIC_INNER_PRODUCT, ann.faiss.METRIC_L2):
+        sq = ann.faiss.IndexScalarQuantizer(16, ann.faiss.ScalarQuantizer.QT_fp16, metric)
+        sq.add(base)
+        flat = ann.as_flat(sq)
+        assert isinstance(flat, ann.faiss.IndexFlat) and flat.metric_type == metric
+        np.testing.assert_array_equal(flat.search(queries, 5)[1], sq.search(queries, 5)[1])
+    ivf, _ = ann.build(base, "IVF4,Flat")
+    assert ann.as_flat(ivf) is ivf and not ann.is_exhaustive(ivf)
+
+
+def test_l2_table_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    table_vectors = (rng.normal(size=(3000, 32)) * 3).astype(np.float16)
+    queries = rng.normal(size=(40, 32)).astype(np.float32) * 3
+    dists, ids = ann.L2Table(table_vectors).search(queries, 7)
+    full = np.linalg.norm(queries[:, None, :] - table_vectors.astype(np.float32)[None], axis=2)
+    ref_ids = np.argsort(full, axis=1)[:, :7]
+    np.testing.assert_allclose(dists, np.take_along_axis(full, ref_ids, 1), rtol=1e-4, atol=1e-4)
+    assert (ids == ref_ids).mean() > 0.99
 
 
 def recall_at(ids: np.ndarray, ref: np.ndarray) -> float:
@@ -47,7 +82,7 @@ def test_search_params_change_refine_depth() -> None:
 
 
 def test_auto_choice_by_size() -> None:
-    assert ann.choose_factory(10_000, 512) == "Flat"
+    assert ann.choose_factory(10_000, 512) == "SQfp16"
     assert ann.choose_factory(2_000_000, 128) == "IVF4096,Flat"
     assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30) == "IVF32768,PQ128"
 

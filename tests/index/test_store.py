@@ -162,4 +162,4 @@ def test_manifest_is_readable_json(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     for key in ("format_version", "encoder_sha256", "encoder", "dim", "metric", "factory", "count", "sources", "created_at"):
         assert key in m
-    assert m["factory"] == "Flat" and m["count"] == 300 and m["metric"] == "inner_product"
+    assert m["factory"] == "SQfp16" and m["count"] == 300 and m["metric"] == "inner_product"

@@ -35,7 +35,8 @@ def test_canonical_topk_matches_a_naive_sort() -> None:
 
 def test_index_path_equals_torch_path_through_ties(tmp_path: Path) -> None:
     gallery, labels = _tied_gallery()
-    store = IndexStore.build(gallery, Items([f"g/{i}.png" for i in range(len(gallery))], labels, [f"h{i}" for i in range(len(gallery))]), "enc")
+    store = IndexStore.build(gallery, Items([f"g/{i}.png" for i in range(len(gallery))], labels, [f"h{i}" for i in range(len(gallery))]), "enc",
+                             factory="Flat")  # exact float32 copies
     store.save(tmp_path / "gallery")
     rng = np.random.default_rng(2)
     # Queries at the group vectors themselves, and near them: many ties straddle the k-th place.

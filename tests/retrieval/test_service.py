@@ -78,7 +78,7 @@ def _hand_made(tiny_encoder: Path) -> Service:
     vecs = np.zeros((4, enc.dim), np.float32)
     vecs[:, 0], vecs[:, 1] = np.cos(angles), np.sin(angles)
     items = Items([f"item{i}" for i in range(4)], ["cat", "dog", "dog", "cat"], ["a", "b", "c", "d"])
-    return Service(IndexStore.build(vecs, items, enc.checksum), enc)
+    return Service(IndexStore.build(vecs, items, enc.checksum, factory="Flat"), enc)  # exact float32 cosines
 
 
 def test_weighted_knn_against_a_hand_computed_example(tiny_encoder: Path) -> None:
