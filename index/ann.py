@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from common.errors import first_line, last_line
+from index import ivf
 from index.errors import IndexStoreError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ DEFAULT_MEMORY_BUDGET = 8 << 30  # bytes for the vectors of an approximate index
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 256
 REFINE_K_FACTOR = 16
+# The compressed index "auto" picks beyond the memory budget (BENCHMARKS.md, "Search beyond memory").
+COMPRESSED_MAX_LISTS = 2048  # assigning n vectors to the lists costs n x lists dot products
+COMPRESSED_PROBE_FRACTION = 8  # its default nprobe: an eighth of the lists
+FLAT_PROBE_FRACTION = 64  # IVF-Flat's default nprobe: a 64th of the lists (at least DEFAULT_NPROBE)
 
 
 def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
@@ -39,16 +44,65 @@ def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET)
 
     Up to :data:`EXACT_LIMIT` vectors: :data:`EXHAUSTIVE` (every vector compared, at float16). Above, an inverted file with
     about 4 sqrt(n) lists: full vectors in the lists (``IVF{nlist},Flat``) when they fit in
-    ``memory_budget``, else product-quantised codes of dim/4 bytes (``IVF{nlist},PQ{m}``).
-    On the benchmarks IVF-Flat beat HNSW32 on recall at the same speed-up over exact search
-    and built in less than half the time (BENCHMARKS.md, Search).
+    ``memory_budget``, else :func:`compressed_factory`, whose candidates the index folder
+    re-ranks exactly from its stored vectors (:mod:`index.rerank`). On the benchmarks IVF-Flat
+    beat HNSW32 on recall at the same speed-up over exact search and built in less than half
+    the time (BENCHMARKS.md, Search).
     """
     if n <= EXACT_LIMIT:
         return EXHAUSTIVE
     nlist = ivf_lists(n)
     if n * 4 * dim <= memory_budget:
         return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ{_pq_subquantizers(dim)}"
+    return compressed_factory(n, dim, memory_budget)
+
+
+def compressed_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+    """The index ``"auto"`` picks when the vectors exceed the memory budget: an inverted file of
+    about sqrt(n) lists (at most :data:`COMPRESSED_MAX_LISTS`) holding 4-bit product-quantised
+    codes, scanned with SIMD (FAISS fast scan): dim/8 bytes a vector, or dim/16 or dim/32 where
+    the codes and their ids would take more than half ``memory_budget``. Its order is rough:
+    re-ranking :data:`REFINE_K_FACTOR` candidates per result from the stored vectors restores
+    it, and visiting an eighth of the lists finds the neighbours. On 1M real embeddings this
+    beat IVF-PQ with more lists, an HNSW graph over the centroids, 8-bit codes and SQ8 on
+    recall at the same speed (BENCHMARKS.md, "Search beyond memory")."""
+    nlist = min(2 ** int(round(math.log2(math.sqrt(n)))), COMPRESSED_MAX_LISTS)
+    for per in (4, 8, 16):
+        m = _pq_subquantizers(dim, per)
+        if n * (m // 2 + 8) <= memory_budget // 2:
+            break
+    else:
+        log.warning("the index's codes alone (%d MB) exceed half the memory budget", n * (m // 2 + 8) >> 20)
+    return f"IVF{nlist},PQ{m}x4fs"
+
+
+LOSSY_CODES = ("PQ", "SQ4", "SQ6", "SQ8", "SQbf16", "LSH", "RaBitQ")
+
+
+def rerank_depth(factory: str) -> int:
+    """How many candidates per result an index folder re-ranks from its stored vectors for a new
+    index of ``factory``: :data:`REFINE_K_FACTOR` for lossy codes (PQ, SQ8 ...) without a refine
+    stage of their own, 0 for indexes whose similarities are exact at the stored precision."""
+    if "RFlat" in factory or "Refine" in factory:
+        return 0
+    return REFINE_K_FACTOR if any(code in factory for code in LOSSY_CODES) else 0
+
+
+def default_nprobe(index: faiss.Index) -> int | None:
+    """The lists a new inverted file visits by default: an eighth of them for 4-bit fast-scan
+    codes (cheap to scan), a 64th (at least :data:`DEFAULT_NPROBE`) for full vectors in the
+    lists; ``None`` for other indexes (:data:`DEFAULT_NPROBE` then applies). On 1M real
+    embeddings ``IVF4096,Flat`` at nprobe 32 found 0.957 of the 10 nearest, at 64 0.977
+    (BENCHMARKS.md, "Search beyond memory")."""
+    inverted = faiss.try_extract_index_ivf(index)
+    if inverted is None:
+        return None
+    kind = type(faiss.downcast_index(inverted)).__name__
+    if "FastScan" in kind:
+        return min(inverted.nlist, max(DEFAULT_NPROBE, inverted.nlist // COMPRESSED_PROBE_FRACTION))
+    if kind == "IndexIVFFlat":
+        return min(inverted.nlist, max(DEFAULT_NPROBE, inverted.nlist // FLAT_PROBE_FRACTION))
+    return None
 
 
 def ivf_lists(n: int) -> int:
@@ -56,9 +110,9 @@ def ivf_lists(n: int) -> int:
     return 2 ** int(round(math.log2(4 * math.sqrt(n))))
 
 
-def _pq_subquantizers(dim: int) -> int:
-    """The largest divisor of ``dim`` not above dim / 4 (PQ needs m | dim)."""
-    for m in range(max(1, dim // 4), 0, -1):
+def _pq_subquantizers(dim: int, per: int = 4) -> int:
+    """The largest divisor of ``dim`` not above dim / ``per`` (PQ needs m | dim)."""
+    for m in range(max(1, dim // per), 0, -1):
         if dim % m == 0:
             return m
     return 1
@@ -68,15 +122,15 @@ def build(
     vectors: np.ndarray,
     factory: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    train_size: int = 256_000,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[faiss.Index, str]:
     """Build an inner-product index over ``vectors`` (n, d); returns it and its factory string.
 
-    Indexes that need training (IVF, PQ) are trained on a random sample of ``train_size``
-    vectors, or 40 per IVF list where that is more (FAISS's advice for k-means).
+    ``vectors`` may be float16 and memory-mapped: they are read a chunk at a time. Indexes that
+    need training (IVF, PQ) are trained on a random sample sized for their lists
+    (:func:`index.ivf.train_size`); ``progress`` shows a bar while the vectors are added.
     """
-    vectors = _as_f32(vectors)
     n, dim = vectors.shape
     if factory == "auto":
         factory = choose_factory(n, dim, memory_budget)
@@ -88,11 +142,8 @@ def build(
                 f"index type {factory!r} needs at least {needed} vectors to train, got {n}; "
                 "use --index-type Flat for small collections"
             )
-        train_size = max(train_size, 40 * needed)
-        rng = np.random.default_rng(seed)
-        sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
-        index.train(sample)
-    add(index, vectors)
+        index.train(_as_f32(vectors[ivf.train_rows(index, n, seed)]))
+    ivf.add_chunks(index, vectors, progress)
     return index, factory
 
 
@@ -111,22 +162,27 @@ def _min_train(index: faiss.Index) -> int:
     return 256  # PQ's 8-bit codebooks
 
 
-def add(index: faiss.Index, vectors: np.ndarray, batch: int = 65536) -> None:
-    vectors = _as_f32(vectors)
-    for start in range(0, vectors.shape[0], batch):
-        index.add(vectors[start : start + batch])
+def add(index: faiss.Index, vectors: np.ndarray) -> None:
+    """Add (n, d) vectors, float16 or float32, memory-mapped or not, a chunk at a time."""
+    ivf.add_chunks(index, vectors)
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None,
                       k_factor: int | None = None) -> None:
     """Apply query-time parameters where the index has them (ignored elsewhere): IVF lists to
-    visit, HNSW search breadth, and how many candidates per result a refine stage re-ranks."""
+    visit, HNSW search breadth (of an HNSW index, or of the graph over an inverted file's
+    centroids, where it is at least the lists visited), and how many candidates per result a
+    refine stage re-ranks."""
     on_gpu = type(index).__name__.startswith("Gpu")
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-    ivf = None if on_gpu else faiss.try_extract_index_ivf(index)
-    nlist = ivf.nlist if ivf is not None else getattr(index, "nlist", None)
+    inverted = None if on_gpu else faiss.try_extract_index_ivf(index)
+    nlist = inverted.nlist if inverted is not None else getattr(index, "nlist", None)
     if nlist:
-        space.set_index_parameter(index, "nprobe", min(nprobe or DEFAULT_NPROBE, nlist))
+        nprobe = min(nprobe or DEFAULT_NPROBE, nlist)
+        space.set_index_parameter(index, "nprobe", nprobe)
+        quantizer = faiss.downcast_index(inverted.quantizer) if inverted is not None else None
+        if isinstance(quantizer, faiss.IndexHNSW):  # a narrow graph search misses near lists
+            quantizer.hnsw.efSearch = max(ef_search or DEFAULT_EF_SEARCH, nprobe)
     top = index if on_gpu else faiss.downcast_index(index)
     if isinstance(top, faiss.IndexRefine):
         top.k_factor = k_factor or REFINE_K_FACTOR

@@ -99,6 +99,32 @@ class MapInfo:
     basis: str = "map_basis"
 
 
+@dataclass
+class SearchInfo:
+    """How an approximate index searches by default, chosen at build time: each query visits
+    ``nprobe`` inverted lists and, for a compressed index, takes ``k * k_factor`` candidates
+    that are re-ranked exactly from the stored vectors (``vectors.npy``, memory-mapped), so that
+    the codes in memory can be small (:mod:`index.rerank`); ``k_factor`` 0: no re-ranking.
+    ``memory_budget`` is the budget in bytes the index was sized for."""
+
+    k_factor: int = 0
+    nprobe: int | None = None
+    memory_budget: int | None = None
+
+
+@dataclass
+class CentroidInfo:
+    """The inverted file's fit at build time: the mean cosine distance of ``count`` indexed
+    vectors (not used in training where there were enough) to their nearest of ``nlist``
+    centroids, trained on ``train_count`` vectors. Appended vectors are measured the same way
+    to tell when the data has drifted from the centroids (:mod:`index.ivf`)."""
+
+    nlist: int
+    train_count: int
+    distance: float
+    count: int
+
+
 def _typed(cls: type, data: Any, where: Path, name: str) -> Any:
     if data is None:
         return None
@@ -132,6 +158,8 @@ class Manifest:
     anomaly: AnomalyInfo | None = None
     map: MapInfo | None = None
     duplicates: DuplicatesInfo | None = None
+    search: SearchInfo | None = None
+    centroids: CentroidInfo | None = None
     created_at: str = ""
     updated_at: str = ""
     format_version: int = FORMAT_VERSION
@@ -157,6 +185,8 @@ class Manifest:
         data["map"] = _typed(MapInfo, data.get("map"), where, "map")
         data["anomaly"] = _typed(AnomalyInfo, data.get("anomaly"), where, "anomaly")
         data["duplicates"] = _typed(DuplicatesInfo, data.get("duplicates"), where, "duplicates")
+        data["search"] = _typed(SearchInfo, data.get("search"), where, "search")
+        data["centroids"] = _typed(CentroidInfo, data.get("centroids"), where, "centroids")
         data["format_version"] = FORMAT_VERSION
         known = {f.name for f in fields(cls)}
         try:

@@ -25,11 +25,12 @@ import faiss
 import numpy as np
 
 from common.errors import last_line
-from index import ann
+from index import ann, ivf
 from index.errors import IndexStoreError
 from index.folder import readable, replace_folder
 from index.items import ITEMS, Items
-from index.manifest import MANIFEST, EncoderInfo, Manifest, now
+from index.manifest import MANIFEST, CentroidInfo, EncoderInfo, Manifest, SearchInfo, now
+from index.rerank import rerank
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +70,46 @@ class IndexStore:
         factory: str = "auto",
         sources: list[str] | None = None,
         memory_budget: int = ann.DEFAULT_MEMORY_BUDGET,
+        progress: bool = False,
     ) -> "IndexStore":
-        """A new index over ``vectors`` (n, d), unit-normalised, with one item per row."""
+        """A new index over ``vectors`` (n, d), unit-normalised, with one item per row.
+
+        ``vectors`` may be a memory-mapped float16 array: it is read a chunk at a time and kept
+        as it is (a collection larger than memory is never loaded whole).
+        """
         if vectors.ndim != 2 or vectors.shape[0] != len(items):
             raise IndexStoreError(f"{vectors.shape[0] if vectors.ndim else 0} vectors for {len(items)} items")
         if len(items) == 0:
             raise IndexStoreError("cannot build an index of zero items")
-        index, factory = ann.build(vectors, factory, memory_budget)
+        index, factory = ann.build(vectors, factory, memory_budget, progress=progress)
         stamp = now()
+        k_factor, nprobe = ann.rerank_depth(factory), ann.default_nprobe(index)
         manifest = Manifest(
             dim=int(vectors.shape[1]), factory=factory, count=len(items), encoder_sha256=encoder_sha256,
             encoder=encoder or EncoderInfo(), sources=list(sources or []),
             classes=sorted({lbl for lbl in items.labels if lbl is not None}), created_at=stamp, updated_at=stamp,
+            search=SearchInfo(k_factor, nprobe, memory_budget) if k_factor or nprobe else None,
+            centroids=_centroid_info(index, vectors),
         )
-        return cls(manifest, index, items, vectors.astype(np.float16))
+        return cls(manifest, index, items, vectors if vectors.dtype == np.float16 else vectors.astype(np.float16))
 
-    def append(self, vectors: np.ndarray, items: Items, sources: list[str] | None = None) -> None:
-        """Add vectors and their items; the existing ones are kept as they are."""
+    def append(self, vectors: np.ndarray, items: Items, sources: list[str] | None = None,
+               progress: bool = False) -> str | None:
+        """Add vectors and their items; the existing ones are kept as they are.
+
+        An inverted file keeps the lists it was trained with: the new vectors go into them
+        without retraining. Returns a note when the new vectors lie farther from the centroids
+        than the indexed ones did at build time by more than :data:`index.ivf.DRIFT_FACTOR`
+        (a rebuild would retrain them), else ``None``.
+        """
         if vectors.shape[0] != len(items):
             raise IndexStoreError(f"{vectors.shape[0]} vectors for {len(items)} items")
         if len(items) == 0:
-            return
+            return None
         if vectors.shape[1] != self.manifest.dim:
             raise IndexStoreError(f"vectors of dimension {vectors.shape[1]} do not fit an index of dimension {self.manifest.dim}")
-        ann.add(self.index, vectors)
+        note = _drift_note(self.manifest.centroids, self.index, vectors)
+        ivf.add_chunks(self.index, vectors, progress)
         self.vectors = np.concatenate([np.asarray(self.vectors), vectors.astype(np.float16)])
         self.items.extend(items)
         m = self.manifest
@@ -101,14 +118,35 @@ class IndexStore:
         m.classes = sorted(set(m.classes) | {lbl for lbl in items.labels if lbl is not None})
         m.updated_at = now()
         self._search_index = None
+        if note:
+            log.warning("%s", note)
+        return note
 
     # ------------------------------------------------------------------ searching
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k items of each query (q, d): similarities and ids (q, min(k, count))."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
+               k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items of each query (q, d): similarities and ids (q, min(k, count)).
+
+        A compressed index built with re-ranking (the manifest's ``search``) proposes
+        ``k * k_factor`` candidates that are re-ranked exactly from the stored vectors
+        (:mod:`index.rerank`); ``k_factor`` overrides the manifest's depth (0: no re-ranking;
+        for a FAISS refine index, ``...,RFlat``, it sets the refine stage's own depth), ``nprobe``
+        its lists to visit.
+        """
+        if k_factor is not None and k_factor < 0:
+            raise IndexStoreError(f"k_factor must be >= 0, got {k_factor}")
         if self._search_index is None:
             self._search_index = ann.to_gpu(self.index)
-        ann.set_search_params(self._search_index, nprobe, ef_search)
-        return ann.search(self._search_index, queries, k)
+        info = self.manifest.search
+        refine = isinstance(faiss.downcast_index(self.index), faiss.IndexRefine)
+        depth = 0 if refine else (k_factor if k_factor is not None else (info.k_factor if info else 0))
+        ann.set_search_params(self._search_index, nprobe or (info.nprobe if info else None), ef_search,
+                              k_factor if refine else None)
+        if depth == 0:
+            return ann.search(self._search_index, queries, k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, candidates = ann.search(self._search_index, queries, k * depth)
+        return rerank(self.vectors, queries, candidates, k)
 
     def label_ids(self) -> np.ndarray:
         return self.items.label_ids(self.manifest.classes)
@@ -180,6 +218,7 @@ class IndexStore:
         items = Items.read(folder / ITEMS)
         vectors = _load_npy(folder / VECTORS, mmap)
         arrays = {name: _load_npy(folder / f"{name}.npy", mmap) for name in manifest.arrays}
+        _check_vectors(folder / VECTORS, vectors, manifest, len(items), index.ntotal)
         counts = {"manifest.json": manifest.count, ITEMS: len(items), INDEX: index.ntotal, VECTORS: vectors.shape[0]}
         if len(set(counts.values())) != 1:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
@@ -200,6 +239,42 @@ class IndexStore:
         if self.path is None:
             raise IndexStoreError("the index has not been saved yet")
         return self.folder / self.manifest.encoder.file
+
+
+def _check_vectors(path: Path, vectors: np.ndarray, manifest: Manifest, items: int, ntotal: int) -> None:
+    """Refuse a stored vector file that does not belong to the index (the others agreeing):
+    re-ranking and appends read it row by row, so a wrong one would answer silently wrong."""
+    if len({manifest.count, items, ntotal}) != 1:
+        return  # the general count check names every file
+    if vectors.ndim != 2 or vectors.shape != (ntotal, manifest.dim):
+        got = f"{vectors.shape[0]} vectors of dimension {vectors.shape[1]}" if vectors.ndim == 2 else f"shape {vectors.shape}"
+        raise IndexStoreError(f"{path} does not match the index: it holds {got}, the index {ntotal} of dimension "
+                              f"{manifest.dim} (rebuild the index folder)")
+
+
+def _centroid_info(index: faiss.Index, vectors: np.ndarray) -> CentroidInfo | None:
+    """The inverted file's fit, measured on indexed vectors left out of training where possible."""
+    cents = ivf.centroids(index)
+    if cents is None:
+        return None
+    rows = ivf.held_out_rows(index, vectors.shape[0])
+    return CentroidInfo(nlist=len(cents), train_count=ivf.train_size(index, vectors.shape[0]),
+                        distance=round(ivf.centroid_distance(cents, vectors[rows]), 6), count=len(rows))
+
+
+def _drift_note(info: CentroidInfo | None, index: faiss.Index, vectors: np.ndarray) -> str | None:
+    cents = ivf.centroids(index)
+    if info is None or cents is None or info.distance <= 0:
+        return None
+    rows = ivf.sample_rows(vectors.shape[0], ivf.DRIFT_SAMPLE, 0)
+    distance = ivf.centroid_distance(cents, vectors[rows])
+    ratio = distance / info.distance
+    if ratio <= ivf.DRIFT_FACTOR:
+        return None
+    return (f"the new vectors lie {ratio:.2f} times farther from the index's {info.nlist} centroids than the indexed "
+            f"ones did at build time (mean cosine distance {distance:.4f} against {info.distance:.4f}; the note shows "
+            f"above {ivf.DRIFT_FACTOR:g}x): the collection has drifted from what the inverted lists were trained on, "
+            "and rebuilding the index (without --append) would retrain them for better recall")
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

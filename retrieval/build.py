@@ -42,6 +42,7 @@ class BuildReport:
     images_per_second: float
     failures: list[tuple[str, str]] = field(default_factory=list)
     duplicates: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. that an append has drifted from the index's lists
 
     def skipped_lines(self, limit: int = 20) -> list[str]:
         """One line per unreadable file (the first ``limit``)."""
@@ -105,11 +106,13 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         if store is None:
             store = IndexStore.build(
                 embedded.vectors, embedded.items, encoder.checksum, _encoder_summary(encoder),
-                cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30),
+                cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30), cfg.progress,
             )
             _fit_anomaly_space(store, embedded.features, cfg.anomaly_shrinkage)
+            notes = []
         else:
-            store.append(embedded.vectors, embedded.items, [coll.source])
+            note = store.append(embedded.vectors, embedded.items, [coll.source], cfg.progress)
+            notes = [note] if note else []
             _append_anomaly_vectors(store, embedded.features)
         if added or not cfg.append:
             _calibrate_and_map(store, encoder, cfg)
@@ -119,7 +122,7 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         return BuildReport(
             out=out, added=added, total=store.manifest.count, factory=store.manifest.factory, seconds=seconds,
             images_per_second=(added + len(embedded.failures)) / max(seconds, 1e-9),
-            failures=embedded.failures, duplicates=embedded.duplicates,
+            failures=embedded.failures, duplicates=embedded.duplicates, notes=notes,
         )
     finally:
         dist.barrier()

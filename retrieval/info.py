@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from index import IndexStore
-    from index.manifest import DuplicatesInfo
+    from index.manifest import CentroidInfo, DuplicatesInfo, SearchInfo
     from simclr.encoder import Encoder
 
 
@@ -28,6 +28,8 @@ class IndexFacts:
     updated: str
     anomaly: str | None  # the calibration in words, None without one
     duplicates: str | None = None  # the near-duplicate threshold in words, None without one
+    search: str | None = None  # a compressed index's re-ranking in words, None without one
+    lists: str | None = None  # an inverted file's lists and their fit at build time, None without one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,6 +40,8 @@ class IndexFacts:
             f"index      {self.path}",
             f"items      {self.items} ({self.classes} classes)",
             f"type       {self.index_type}, {self.dimension}-d, {self.metric}",
+            *([f"search     {self.search}"] if self.search else []),
+            *([f"lists      {self.lists}"] if self.lists else []),
             f"encoder    {self.encoder}, sha256 {self.encoder_sha256[:16]}…",
             f"trained on {self.trained_on or 'unknown'}",
             f"sources    {', '.join(self.sources)}",
@@ -70,8 +74,24 @@ def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
         metric=m.metric, sources=list(m.sources),
         encoder=f"{e.arch or '?'} ({e.stem or '?'} stem, {e.image_size or '?'}px, {e.in_channels or '?'}ch{whitened})",
         encoder_sha256=m.encoder_sha256, trained_on=e.trained_on, created=m.created_at, updated=m.updated_at,
-        anomaly=anomaly, duplicates=_duplicates(m.duplicates),
+        anomaly=anomaly, duplicates=_duplicates(m.duplicates), search=_search(m.search), lists=_lists(m.centroids),
     )
+
+
+def _search(info: SearchInfo | None) -> str | None:
+    if info is None:
+        return None
+    budget = f"; sized for a {info.memory_budget / 2**30:g} GiB memory budget" if info.memory_budget else ""
+    rerank = (f"{info.k_factor} candidates per result re-ranked exactly from vectors.npy (memory-mapped), "
+              if info.k_factor else "")
+    return f"{rerank}nprobe {info.nprobe or 'default'}{budget}"
+
+
+def _lists(info: CentroidInfo | None) -> str | None:
+    if info is None:
+        return None
+    return (f"{info.nlist} trained on {info.train_count} vectors; mean cosine distance to the nearest centroid "
+            f"{info.distance:.4f} at build time (appends are compared with it)")
 
 
 def _duplicates(info: DuplicatesInfo | None) -> str | None:

@@ -25,7 +25,7 @@ def index_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per embedding batch.")] = D.batch_size,
     workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes.")] = D.workers,
     device: DeviceOpt = D.device,
-    memory_budget_gb: Annotated[float, typer.Option(help="Memory for an approximate index's vectors (auto type above 1M items).")] = D.memory_budget_gb,
+    memory_budget_gb: Annotated[float, typer.Option(help="Memory for the index's vectors (auto type above 1M items): beyond it, compressed codes re-ranked from the stored vectors.")] = D.memory_budget_gb,
     anomaly_k: Annotated[int, typer.Option(help="Neighbours of the anomaly score's calibration.")] = D.anomaly_k,
     percentile: Annotated[float, typer.Option(help="Anomaly threshold percentile among normal items.")] = D.percentile,
     anomaly_shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening (a fraction of the largest eigenvalue).")] = D.anomaly_shrinkage,
@@ -48,6 +48,8 @@ def index_cmd(
         return
     for line in report.skipped_lines():
         typer.echo(line, err=True)
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
 
 

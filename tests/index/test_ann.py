@@ -84,7 +84,7 @@ def test_search_params_change_refine_depth() -> None:
 def test_auto_choice_by_size() -> None:
     assert ann.choose_factory(10_000, 512) == "SQfp16"
     assert ann.choose_factory(2_000_000, 128) == "IVF4096,Flat"
-    assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30) == "IVF32768,PQ128"
+    assert ann.choose_factory(50_000_000, 512, memory_budget=1 << 30) == "IVF2048,PQ32x4fs"  # re-ranked from vectors.npy
 
 
 def test_k_larger_than_index_returns_everything() -> None:
