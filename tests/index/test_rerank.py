@@ -149,3 +149,16 @@ def test_search_stays_within_the_memory_of_the_codes(tmp_path: Path) -> None:
     own = m["after"]["RssAnon"] - m["before"]["RssAnon"]  # the process's own memory, page cache aside
     assert grown < float32_bytes, m
     assert own < n * dim * 2 / 2, m  # not even the float16 vectors were copied into memory
+
+
+def test_the_manifest_s_nprobe_is_the_search_default(tmp_path: Path) -> None:
+    base, queries = clustered(6000, 16, 10, queries=20)
+    flat_ivf = IndexStore.build(base, _items(6000), "abc", factory="IVF64,Flat")
+    assert flat_ivf.manifest.search.nprobe == ann.DEFAULT_NPROBE and flat_ivf.manifest.search.k_factor == 0
+    compressed = _compressed(base, "IVF256,PQ8x4fs")
+    assert compressed.manifest.search.nprobe == 256 // ann.COMPRESSED_PROBE_FRACTION
+    compressed.save(tmp_path / "idx")
+    loaded = IndexStore.load(tmp_path / "idx")
+    default = loaded.search(queries, 10)[1]
+    np.testing.assert_array_equal(default, loaded.search(queries, 10, nprobe=32)[1])
+    assert (default != loaded.search(queries, 10, nprobe=1)[1]).any()
