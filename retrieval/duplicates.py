@@ -199,10 +199,10 @@ def near_pairs(search: Search, vectors: np.ndarray, rows: np.ndarray, first: np.
         b = nb[keep]
         keys.append(np.minimum(a, b) * n + np.maximum(a, b))
         best.append(sims[keep])
-    if not keys:
+    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    sim = np.concatenate(best) if best else np.zeros(0, np.float32)
+    if not key.size:  # no pair above the threshold
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    key = np.concatenate(keys)
-    sim = np.concatenate(best)
     order = np.lexsort((-sim, key))  # each pair once, with its higher similarity
     key, sim = key[order], sim[order]
     once = np.r_[True, key[1:] != key[:-1]]

@@ -135,6 +135,13 @@ def test_groups_through_an_ivf_index_equal_all_pairs_and_keep_neighbours_apart()
     assert 0.8 < np.median(sims.max(1)) and sims.max() > 0.9
 
 
+def test_no_pair_above_the_threshold_gives_no_near_groups() -> None:
+    vecs, hashes, _ = planted()
+    store = store_of(vecs, hashes)
+    groups, _ = scan(store, threshold=1.0001, k=10)
+    assert all(g.kind == "exact" for g in groups)
+
+
 def test_exact_copies_are_their_own_kind_and_named_in_near_groups() -> None:
     vecs, hashes, _ = planted()
     groups, _ = scan(store_of(vecs, hashes), threshold=0.95)
