@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
-from index import IndexStore
+from common.threads import single_thread_numpy_blas
+from index import IndexStore, ann
+from index.batch_scan import BatchScan
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import (
     DEFAULT_PERCENTILE,
@@ -45,7 +47,13 @@ from simclr.knn import weighted_vote
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "QueryVectors", "Service", "check_encoder"]
+# Batches from this many queries, on exhaustive indexes of this many items, are scored in one
+# pass over the vectors (index.batch_scan): from 8 queries it beats a FAISS scan per query
+# (BENCHMARKS.md, "The JSON API").
+BATCH_SCAN_MIN_QUERIES = 8
+BATCH_SCAN_MIN_ITEMS = 20_000
+
+__all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "Prepared", "QueryVectors", "Service", "check_encoder"]
 
 
 @dataclass
@@ -58,6 +66,22 @@ class QueryVectors:
     anomaly: np.ndarray | None
     errors: list[str | None]
     items: list[int | None]
+
+    def take(self, rows: Sequence[int]) -> QueryVectors:
+        """The queries at ``rows``, in that order."""
+        rows = list(rows)
+        return QueryVectors(self.vectors[rows], None if self.anomaly is None else self.anomaly[rows],
+                            [self.errors[i] for i in rows], [self.items[i] for i in rows])
+
+
+@dataclass
+class Prepared:
+    """One query ready to embed: a decoded uint8 image (C, H, W), an indexed item's id, or the
+    reason it cannot be answered."""
+
+    tensor: torch.Tensor | None = None
+    item: int | None = None
+    error: str | None = None
 
 
 class Service:
@@ -72,6 +96,9 @@ class Service:
         self._label_cache: np.ndarray | None = None
         self.space = stored_space(store)
         self._anomaly_table = None  # built on first use
+        self._scans: dict[str, BatchScan | None] = {}  # built on the first large batch
+        self._side = ThreadPoolExecutor(1, thread_name_prefix="anomaly-scan")
+        self._build = threading.Lock()  # tables built on first use are built once
         self._duplicate_threshold: tuple[float, str] | None = None  # measured on first use when not stored
         saved = stored_calibration(store)
         if saved is not None:
@@ -87,6 +114,7 @@ class Service:
                 checksums named), unless ``force``; or its dimension differs (always).
         """
         store = IndexStore.load(index_dir)
+        single_thread_numpy_blas()  # a process that answers queries: see common.threads
         path = Path(encoder) if encoder is not None else store.encoder_path
         enc = Encoder.load(path, pick_device(device))
         check_encoder(store, enc, force)
@@ -115,11 +143,53 @@ class Service:
 
     def anomaly_table(self):  # noqa: ANN201
         """Exact Euclidean search over the gallery's anomaly-space vectors (built once, on first use)."""
-        if self._anomaly_table is None and self.space is not None:
-            from index.ann import L2Table
+        with self._build:
+            if self._anomaly_table is None and self.space is not None:
+                from index.ann import L2Table
 
-            self._anomaly_table = L2Table(self._anomaly_vectors())
+                self._anomaly_table = L2Table(self._anomaly_vectors())
         return self._anomaly_table
+
+    # ------------------------------------------------------------------ searching
+    def _batch_scan(self, name: str) -> BatchScan | None:
+        """A :class:`index.batch_scan.BatchScan` of the index (``"search"``) or of the anomaly
+        space (``"anomaly"``), built on first use: for large exhaustive indexes on a CPU only."""
+        with self._build:
+            return self._scans[name] if name in self._scans else self._new_scan(name)
+
+    def _new_scan(self, name: str) -> BatchScan | None:
+        if name not in self._scans:
+            store = self.store
+            big = store.manifest.count >= BATCH_SCAN_MIN_ITEMS and self.encoder.device.type == "cpu"
+            scan = None
+            if big and name == "search" and ann.is_exhaustive(store.index):
+                scan = BatchScan(store.vectors, "ip")
+            elif big and name == "anomaly" and self.space is not None:
+                scan = BatchScan(self._anomaly_vectors(), "l2")
+            self._scans[name] = scan
+        return self._scans[name]
+
+    def _search(self, queries: np.ndarray, k: int, opts: Options) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top k of each query: a batch of :data:`BATCH_SCAN_MIN_QUERIES` or more in
+        one pass over the vectors where that is faster (same results), else the index's search."""
+        scan = self._batch_scan("search") if len(queries) >= BATCH_SCAN_MIN_QUERIES else None
+        if scan is None:
+            return self.store.search(queries, k, opts.nprobe, opts.ef_search)
+        sims, ids, redo = scan.search(queries, k)
+        if redo.any():  # candidates not proven complete: the index answers those queries
+            sims[redo], ids[redo] = self.store.search(queries[redo], k, opts.nprobe, opts.ef_search)
+        return sims, ids
+
+    def _anomaly_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distances (ascending) and ids of each query's k nearest gallery items in the
+        anomaly space; batched as :meth:`_search`."""
+        scan = self._batch_scan("anomaly") if len(queries) >= BATCH_SCAN_MIN_QUERIES else None
+        if scan is None:
+            return self.anomaly_table().search(queries, k)
+        dists, ids, redo = scan.search(queries, k)
+        if redo.any():
+            dists[redo], ids[redo] = self.anomaly_table().search(queries[redo], k)
+        return dists, ids
 
     def resolve_item(self, query: str) -> int | None:
         """The item id a query names: ``id:N``, a bare N, or a data-set ref such as
@@ -134,33 +204,40 @@ class Service:
             self._ref_ids = {ref: i for i, ref in enumerate(self.store.items.refs)}
         return self._ref_ids.get(query)
 
+    def prepare(self, query: str | Path | bytes | Image.Image | Unreadable) -> Prepared:
+        """A query made ready for :meth:`embed_prepared`: an image decoded to the encoder's size,
+        the item a query names, or why it cannot be answered (never raises for the query's sake)."""
+        if isinstance(query, Unreadable):
+            return Prepared(error=query.reason)
+        try:
+            item = self.resolve_item(query) if isinstance(query, str) else None
+            if item is not None:
+                self.item_vector(item)  # an unknown id is the query's error
+                return Prepared(item=item)
+            return Prepared(tensor=self._tensor(query))
+        except UserError as exc:
+            return Prepared(error=str(exc))
+
     def embed(self, queries: Sequence[str | Path | bytes | Image.Image | Unreadable]) -> QueryVectors:
         """The queries' vectors in both spaces (one backbone pass), errors and item ids."""
-        n, dim = len(queries), self.encoder.dim
+        return self.embed_prepared([self.prepare(q) for q in queries])
+
+    def embed_prepared(self, prepared: Sequence[Prepared]) -> QueryVectors:
+        """Prepared queries' vectors in both spaces: one backbone pass for all their images."""
+        n, dim = len(prepared), self.encoder.dim
         vectors = np.zeros((n, dim), np.float32)
         anomaly = np.zeros((n, dim), np.float32) if self.space is not None else None
-        errors: list[str | None] = [None] * n
-        items: list[int | None] = [None] * n
-        tensors: dict[int, torch.Tensor] = {}
-        for i, q in enumerate(queries):
-            if isinstance(q, Unreadable):
-                errors[i] = q.reason
-                continue
-            item = self.resolve_item(q) if isinstance(q, str) else None
-            try:
-                if item is not None:
-                    vectors[i] = self.item_vector(item)
-                    if anomaly is not None:
-                        anomaly[i] = self._anomaly_vectors()[item]
-                    items[i] = item
-                else:
-                    tensors[i] = self._tensor(q)
-            except UserError as exc:
-                errors[i] = str(exc)
-        if tensors:
-            rows = list(tensors)
+        errors: list[str | None] = [p.error for p in prepared]
+        items: list[int | None] = [p.item for p in prepared]
+        for i, item in enumerate(items):
+            if item is not None:
+                vectors[i] = self.item_vector(item)
+                if anomaly is not None:
+                    anomaly[i] = self._anomaly_vectors()[item]
+        rows = [i for i, p in enumerate(prepared) if p.tensor is not None]
+        if rows:
             with self._lock:
-                feats = self.encoder.features(torch.stack([tensors[i] for i in rows]))
+                feats = self.encoder.features(torch.stack([prepared[i].tensor for i in rows]))
                 vectors[rows] = self.encoder.from_features(feats).cpu().numpy()
             if anomaly is not None:
                 anomaly[rows] = self.space.transform(feats.cpu().numpy())
@@ -214,8 +291,13 @@ class Service:
         if not ok:
             return answers
         own = np.array([items[i] if items[i] is not None else -1 for i in ok])
+        in_anomaly_space = None
+        if opts.anomaly and not legacy:
+            args = (q.anomaly[ok], anomaly_k + int((own >= 0).any()))
+            # FAISS scans for one query on one thread: the two scans of a lone query run side by side.
+            in_anomaly_space = self._side.submit(self._anomaly_search, *args) if len(ok) == 1 else args
         with self._lock:
-            sims, ids = store.search(vectors[ok], wanted + int((own >= 0).any()), opts.nprobe, opts.ef_search)
+            sims, ids = self._search(vectors[ok], wanted + int((own >= 0).any()), opts)
         sims, ids = drop_own(sims, ids, own, wanted)
         count = count - int((own >= 0).any())
         note = f"k={opts.k} is larger than the index ({count} items); answering with all {count}" if opts.k > count else None
@@ -227,8 +309,11 @@ class Service:
         if opts.anomaly and legacy:
             scores = knn_distance(sims, anomaly_k)
         elif opts.anomaly:
-            with self._lock:
-                dists, nn = self.anomaly_table().search(q.anomaly[ok], anomaly_k + int((own >= 0).any()))
+            if isinstance(in_anomaly_space, Future):
+                dists, nn = in_anomaly_space.result()
+            else:
+                with self._lock:
+                    dists, nn = self._anomaly_search(*in_anomaly_space)
             dists, _ = drop_own(dists, nn, own, anomaly_k)
             scores = mean_distance(dists, anomaly_k)
         probs = None
