@@ -62,19 +62,31 @@ class ItemSource:
             RetrievalError: the id is not in the index, the file lies outside the index's
                 folders, or it cannot be read.
         """
-        if not 0 <= item_id < len(self.refs):
-            raise RetrievalError(f"item id {item_id} is not in the index")
-        ref = self.refs[item_id]
-        head, _, n = ref.rpartition(":")
-        if head in self.datasets and n.isdigit():
+        path = self.file(item_id)
+        if path is None:
+            head, _, n = self.refs[item_id].rpartition(":")
             return self._dataset_image(head, int(n))
-        path = Path(ref)
-        if not path.is_absolute() or not self.allowed(path):
-            raise RetrievalError(f"item {item_id}: {ref} is outside the index's image folders; not served")
         try:
             return open_image(path, channels=3)
         except UserError as exc:
             raise RetrievalError(f"item {item_id}: {exc}") from None
+
+    def file(self, item_id: int) -> Path | None:
+        """The item's file, when it is one and lies inside the index's folders (``None`` for a
+        data-set item).
+
+        Raises:
+            RetrievalError: the id is not in the index, or the file lies outside its folders.
+        """
+        if not 0 <= item_id < len(self.refs):
+            raise RetrievalError(f"item id {item_id} is not in the index")
+        if self.in_dataset(item_id):
+            return None
+        ref = self.refs[item_id]
+        path = Path(ref)
+        if not path.is_absolute() or not self.allowed(path):
+            raise RetrievalError(f"item {item_id}: {ref} is outside the index's image folders; not served")
+        return path
 
     def _dataset_image(self, key: str, n: int) -> Image.Image:
         with self._lock:

@@ -1,7 +1,23 @@
-"""The web app: Gradio handlers and layout (:mod:`.app`), item thumbnails (:mod:`.thumbnails`),
-the drawn embedding map (:mod:`.mapplot`), and a launcher that runs it as a server process for
-benchmarks, screenshots and tests (:mod:`.launcher`)."""
+"""The web server: the JSON API (:mod:`.api`) and the Gradio app (:mod:`.app`, with item
+thumbnails in :mod:`.thumbnails` and the drawn embedding map in :mod:`.mapplot`) on one port
+(:mod:`.server`), and a launcher that runs it as a server process for benchmarks, screenshots
+and tests (:mod:`.launcher`).
 
-from retrieval.web.app import WebApp, build_app, launch, no_index_app, parse_auth
+The names below are imported on first use, so that ``retrieval serve --api-only`` never loads Gradio.
+"""
 
-__all__ = ["WebApp", "build_app", "launch", "no_index_app", "parse_auth"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {"WebApp": "app", "build_app": "app", "launch": "app", "no_index_app": "app",
+          "parse_auth": "server", "serve": "server"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -1,8 +1,8 @@
 """The web app's handlers and layout (Gradio), on top of :class:`retrieval.service.Service`.
 
 Handlers are plain methods that tests call directly; :meth:`WebApp.build` wires them into a
-``gr.Blocks``. Searches are batched: requests that queue up together are embedded and
-searched in one pass.
+``gr.Blocks``. Searches go through a :class:`retrieval.batcher.Batcher` (the HTTP API's, when
+both are served): requests that queue up together are embedded and searched in one pass.
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 from common.errors import UserError
 from retrieval.answers import Answer
+from retrieval.batcher import Batcher
 from retrieval.duplicates import DuplicateReport, report
 from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
 from retrieval.service import Options, Service
 from retrieval.web.mapplot import MapPlot
+from retrieval.web.server import DEFAULT_INDEX
 from retrieval.web.thumbnails import ItemImages
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 MAX_BATCH = 16
 CACHE_SECONDS = 3600
 DUPLICATE_GROUPS = 60  # groups the Duplicates view shows (the largest)
@@ -83,8 +85,9 @@ class DuplicatesView:
 class WebApp:
     """Handlers for one loaded index."""
 
-    def __init__(self, service: Service, map_points: int = MAP_POINTS):
+    def __init__(self, service: Service, map_points: int = MAP_POINTS, batcher: Batcher | None = None):
         self.service = service
+        self.batcher = batcher or Batcher(service)  # shared with the HTTP API when it is served
         store = service.store
         self.thumbnails = Path(tempfile.mkdtemp(prefix="retrieval-thumbnails-"))
         atexit.register(shutil.rmtree, self.thumbnails, True)
@@ -105,14 +108,12 @@ class WebApp:
             if im is None:
                 results[i] = _message("Upload an image, or pick an example, to search.")
         if todo:
-            queries = [images[i] for i in todo]
-            embedded = self.service.embed(queries)
             opts = Options(k=max(int(ks[i]) for i in todo), classify=bool(self.service.store.manifest.classes), anomaly=True)
-            answers = self.service.answer_vectors(["image"] * len(todo), embedded, opts)
-            xy = self.embedding_map().project(embedded.vectors)
+            replies = self.batcher.ask([images[i] for i in todo], opts)
+            xy = self.embedding_map().project(np.stack([r.vector for r in replies]))
             for row, i in enumerate(todo):
-                results[i] = self._show(answers[row], int(ks[i]))
-                if answers[row].error is None:
+                results[i] = self._show(replies[row].answer, int(ks[i]))
+                if replies[row].answer.error is None:
                     results[i].position = (float(xy[row, 0]), float(xy[row, 1]))
         return results
 
@@ -348,21 +349,9 @@ def build_app(index_dir: str | Path | None = None, device: str = "auto") -> tupl
     return web.build(), [str(web.thumbnails)]
 
 
-def parse_auth(auth: str | None) -> tuple[str, str] | None:
-    if auth is None:
-        return None
-    user, sep, password = auth.partition(":")
-    if not sep or not user or not password:
-        raise RetrievalError("--auth must look like user:password")
-    return user, password
-
-
 def launch(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
            share: bool = False, device: str = "auto", **kwargs: Any) -> None:
-    """Serve the app; binds localhost unless told otherwise, and shares only when asked."""
-    credentials = parse_auth(auth)
-    demo, allowed = build_app(index_dir, device)
-    demo.queue(default_concurrency_limit=1)
-    # The thumbnail folder is the only place the app serves files from, besides Gradio's own cache.
-    demo.launch(server_name=host, server_port=port, auth=credentials, share=share, show_error=False,
-                allowed_paths=allowed, **kwargs)
+    """Serve the app and the JSON API (:func:`retrieval.web.server.serve` takes the options)."""
+    from retrieval.web.server import serve
+
+    serve(index_dir, host=host, port=port, auth=auth, share=share, device=device, **kwargs)
