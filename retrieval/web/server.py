@@ -34,6 +34,23 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise a one-line error when ``host:port`` cannot be listened on (in use, no such address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           token: str | None = None, api_only: bool = False, share: bool = False, device: str = "auto",
           max_body: int = MAX_BODY, max_batch: int = MAX_BATCH) -> None:
@@ -50,6 +67,7 @@ def serve(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: in
                              "the app as well, or serve --api-only")
     if share and api_only:
         raise RetrievalError("--share shares the app's page; it cannot be used with --api-only")
+    check_port(host, port)  # before the index loads: a port in use is told at once
     path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
     try:
         service = Service.open(path, device=device)

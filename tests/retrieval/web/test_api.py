@@ -225,3 +225,14 @@ def test_a_token_alone_would_leave_the_app_open(tiny_index: Path) -> None:
     assert result.exit_code != 0 and "--api-only" in result.output
     result = CliRunner().invoke(cli, ["serve", str(tiny_index), "--api-only", "--share"])
     assert result.exit_code != 0 and "--share" in result.output
+
+
+def test_a_port_in_use_is_named_before_the_index_loads(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", str(tmp_path / "no-index-here"), "--api-only", "--port", str(port)])
+    assert result.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in result.output
