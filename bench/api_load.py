@@ -28,28 +28,19 @@ import argparse
 import http.client
 import io
 import json
-import platform
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from harness import latency_percentiles, run_threads, write_report
+from harness import closed_loop, latency_percentiles, machine, rss_mb, write_report
 from PIL import Image
 
 from retrieval.web.launcher import serve
 
 PATH = "/api/v1/search?k={k}&classify=true&anomaly=true"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def query_pngs(count: int) -> list[bytes]:
@@ -73,9 +64,13 @@ class Client:
         self.k = k
 
     def search(self, png: bytes) -> None:
-        self.conn.request("POST", self.path, body=png, headers={"Content-Type": "image/png"})
-        r = self.conn.getresponse()
-        body = r.read()
+        try:
+            self.conn.request("POST", self.path, body=png, headers={"Content-Type": "image/png"})
+            r = self.conn.getresponse()
+            body = r.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # the next request opens a new connection
+            raise
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {body[:200]!r}")
         a = json.loads(body)
@@ -85,37 +80,15 @@ class Client:
 
 def run(port: int, pid: int, pngs: list[bytes], clients: int, requests: int, k: int,
         rss_at: int | None = None) -> dict:
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = [0]
     rss: dict[str, float] = {}
 
-    def loop(cid: int) -> None:
-        client = Client(port, k)
-        while True:
-            with lock:
-                if counter[0] >= requests:
-                    return
-                counter[0] += 1
-                n = counter[0]
-            start = time.perf_counter()
-            try:
-                client.search(pngs[(n * 13 + cid) % len(pngs)])
-                ok = True
-            except Exception as exc:  # noqa: BLE001 - counted, reported
-                ok = False
-                client = Client(port, k)
-                with lock:
-                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            elapsed = time.perf_counter() - start
-            with lock:
-                if ok:
-                    latencies.append(elapsed)
-                if rss_at is not None and n == rss_at:
-                    rss["at_1000"] = rss_mb(pid)
+    def after(n: int) -> None:
+        if rss_at is not None and n == rss_at:
+            rss["at_1000"] = rss_mb(pid)
 
-    wall = run_threads(loop, clients)
+    latencies, errors, wall = closed_loop(lambda cid: Client(port, k),
+                                          lambda client, cid, n: client.search(pngs[(n * 13 + cid) % len(pngs)]),
+                                          clients, requests, after)
     out = {"clients": clients, "requests": requests, "ok": len(latencies), "errors": len(errors),
            "first_errors": errors[:5], **latency_percentiles(latencies),
            "searches_per_s": round(len(latencies) / wall, 1), "wall_s": round(wall, 1)}
@@ -200,7 +173,7 @@ def main() -> None:
 
     pngs = query_pngs(200)
     tmp = Path(tempfile.mkdtemp(prefix="api-load-"))
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                     "index": args.index, "k": args.k, "request": "POST " + PATH.format(k=args.k) + ", a PNG as the raw body"}
     settings = [("batched", []), ("batched, --api-only", ["--api-only"])]
     settings += [] if args.skip_unbatched else [("unbatched", ["--max-batch", "1"])]

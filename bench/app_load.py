@@ -14,21 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from harness import latency_percentiles, run_threads, write_report
+from harness import closed_loop, latency_percentiles, rss_mb, write_report
 from PIL import Image
 
 from retrieval.web.launcher import serve
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def query_images(folder: Path, count: int) -> list[Path]:
@@ -98,40 +90,23 @@ def main() -> None:
         for i in range(args.warmup):
             warm.predict(handle_file(str(images[i % len(images)])), args.k, api_name="/search")
 
-        latencies: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        counter = [0]
         rss = {}
 
-        def client_loop(cid: int) -> None:
-            client = RawClient(url) if args.raw else Client(
+        def make_client(cid: int):  # noqa: ANN202
+            return RawClient(url) if args.raw else Client(
                 url, verbose=False, download_files=str(tmp / f"dl{cid}") if args.download else False)
-            while True:
-                with lock:
-                    if counter[0] >= args.queries:
-                        return
-                    counter[0] += 1
-                    n = counter[0]
-                path = images[(n * 13 + cid) % len(images)]
-                start = time.perf_counter()
-                try:
-                    gallery, *_ = client.predict(handle_file(str(path)), args.k, api_name="/search")
-                    if len(gallery) != args.k:
-                        raise RuntimeError(f"{len(gallery)} results instead of {args.k}")
-                    ok = True
-                except Exception as exc:  # noqa: BLE001 - counted, reported
-                    ok = False
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
-                elapsed = time.perf_counter() - start
-                with lock:
-                    if ok:
-                        latencies.append(elapsed)
-                    if n == 1000:
-                        rss["at_1000"] = rss_mb(app.pid)
 
-        wall = run_threads(client_loop, args.clients)
+        def call(client, cid: int, n: int) -> None:  # noqa: ANN001
+            path = images[(n * 13 + cid) % len(images)]
+            gallery, *_ = client.predict(handle_file(str(path)), args.k, api_name="/search")
+            if len(gallery) != args.k:
+                raise RuntimeError(f"{len(gallery)} results instead of {args.k}")
+
+        def after(n: int) -> None:
+            if n == 1000:
+                rss["at_1000"] = rss_mb(app.pid)
+
+        latencies, errors, wall = closed_loop(make_client, call, args.clients, args.queries, after)
         rss["at_end"] = rss_mb(app.pid)
     report = {
         "date": time.strftime("%Y-%m-%d"), "index": args.index, "clients": args.clients, "queries": args.queries,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness import write_report
+from harness import machine, write_report
 
 
 # ---------------------------------------------------------------------------- pair counting
@@ -475,12 +474,6 @@ def run_measured(cmd: list[str]) -> tuple[str, int]:
         if proc.returncode != 0:
             raise SystemExit(err.read())
         return out.read(), peak
-
-
-def machine() -> str:
-    import faiss
-
-    return f"{platform.machine()}, {faiss.omp_get_max_threads()} threads, Python {platform.python_version()}"
 
 
 def main() -> None:

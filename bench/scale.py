@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import write_report
+from harness import machine, write_report
 
 OUT = Path("bench/out/scale")
 REAL = OUT / "real"
@@ -178,8 +177,6 @@ def timed_search(search, queries: np.ndarray, k: int, batch: int) -> tuple[float
 
 # ---------------------------------------------------------------------------- factories at 1M
 def sweep(args: argparse.Namespace) -> None:
-    import faiss
-
     from index import ann, ivf
     from index.rerank import rerank
 
@@ -418,12 +415,6 @@ def quantizers(args: argparse.Namespace) -> None:
                              "recall@10": round(recall(index.search(queries, args.k)[1], truth), 4)})
                 print(rows[-1], flush=True)
     write_report({"base": [args.n, base.shape[1]], "queries": len(queries), "rows": rows}, args.json, show=False)
-
-
-def machine() -> str:
-    import faiss
-
-    return f"{platform.machine()}, {os.cpu_count()} cores, {faiss.omp_get_max_threads()} FAISS threads, no GPU"
 
 
 def main() -> None:
