@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -131,9 +130,19 @@ class Service:
             return image_to_tensor(query, spec.image_size, spec.in_channels)
         return read_image(query, spec.image_size, spec.in_channels)
 
-    def item_vector(self, item_id: int) -> np.ndarray:
+    def check_item(self, item_id: int) -> None:
+        """Raise a one-line error when ``item_id`` is not in the index."""
         if not 0 <= item_id < self.store.manifest.count:
             raise RetrievalError(f"item id {item_id} is not in the index (ids 0..{self.store.manifest.count - 1})")
+
+    def item_of_ref(self, ref: str) -> int | None:
+        """The id of the item with this ref (a file path or ``dataset:split:n``), ``None`` for none."""
+        if self._ref_ids is None:
+            self._ref_ids = {r: i for i, r in enumerate(self.store.items.refs)}
+        return self._ref_ids.get(ref)
+
+    def item_vector(self, item_id: int) -> np.ndarray:
+        self.check_item(item_id)
         v = np.asarray(self.store.vectors[item_id], dtype=np.float32)
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
@@ -151,6 +160,13 @@ class Service:
         return self._anomaly_table
 
     # ------------------------------------------------------------------ searching
+    def warm_up(self) -> None:
+        """Build now what answering builds on first use (the anomaly table, the batch scans), so
+        that a server's first requests do not wait for it."""
+        self.anomaly_table()
+        for name in ("search", "anomaly"):
+            self._batch_scan(name)
+
     def _batch_scan(self, name: str) -> BatchScan | None:
         """A :class:`index.batch_scan.BatchScan` of the index (``"search"``) or of the anomaly
         space (``"anomaly"``), built on first use: for large exhaustive indexes on a CPU only."""
@@ -158,16 +174,15 @@ class Service:
             return self._scans[name] if name in self._scans else self._new_scan(name)
 
     def _new_scan(self, name: str) -> BatchScan | None:
-        if name not in self._scans:
-            store = self.store
-            big = store.manifest.count >= BATCH_SCAN_MIN_ITEMS and self.encoder.device.type == "cpu"
-            scan = None
-            if big and name == "search" and ann.is_exhaustive(store.index):
-                scan = BatchScan(store.vectors, "ip")
-            elif big and name == "anomaly" and self.space is not None:
-                scan = BatchScan(self._anomaly_vectors(), "l2")
-            self._scans[name] = scan
-        return self._scans[name]
+        store = self.store
+        big = store.manifest.count >= BATCH_SCAN_MIN_ITEMS and self.encoder.device.type == "cpu"
+        scan = None
+        if big and name == "search" and ann.is_exhaustive(store.index):
+            scan = BatchScan(store.vectors, "ip")
+        elif big and name == "anomaly" and self.space is not None:
+            scan = BatchScan(self._anomaly_vectors(), "l2")
+        self._scans[name] = scan
+        return scan
 
     def _search(self, queries: np.ndarray, k: int, opts: Options) -> tuple[np.ndarray, np.ndarray]:
         """The index's top k of each query: a batch of :data:`BATCH_SCAN_MIN_QUERIES` or more in
@@ -200,9 +215,7 @@ class Service:
             return None
         if query.isdigit():
             return int(query)
-        if self._ref_ids is None:
-            self._ref_ids = {ref: i for i, ref in enumerate(self.store.items.refs)}
-        return self._ref_ids.get(query)
+        return self.item_of_ref(query)
 
     def prepare(self, query: str | Path | bytes | Image.Image | Unreadable) -> Prepared:
         """A query made ready for :meth:`embed_prepared`: an image decoded to the encoder's size,
@@ -212,7 +225,7 @@ class Service:
         try:
             item = self.resolve_item(query) if isinstance(query, str) else None
             if item is not None:
-                self.item_vector(item)  # an unknown id is the query's error
+                self.check_item(item)  # an unknown id is the query's error
                 return Prepared(item=item)
             return Prepared(tensor=self._tensor(query))
         except UserError as exc:

@@ -24,6 +24,7 @@ limit, 422 a bad option.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -205,7 +206,6 @@ class Api:
         self.access = access
         store = self.service.store
         self.source = ItemSource(store.items.refs, store.manifest.sources)
-        self._ref_ids: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ helpers
     def check_access(self, request: Request) -> None:
@@ -217,14 +217,13 @@ class Api:
         """The id an :class:`ItemRef` names (404 when it names nothing)."""
         if (ref.id is None) == (ref.ref is None):
             raise ApiError(422, 'name an indexed item by "id" or by "ref" (one of them)')
-        count = self.service.store.manifest.count
         if ref.id is not None:
-            if not 0 <= ref.id < count:
-                raise ApiError(404, f"item id {ref.id} is not in the index (ids 0..{count - 1})")
+            try:
+                self.service.check_item(ref.id)
+            except UserError as exc:
+                raise ApiError(404, str(exc)) from None
             return ref.id
-        if self._ref_ids is None:
-            self._ref_ids = {r: i for i, r in enumerate(self.service.store.items.refs)}
-        found = self._ref_ids.get(ref.ref)
+        found = self.service.item_of_ref(ref.ref)
         if found is None:
             raise ApiError(404, f"no indexed item has ref {ref.ref!r}")
         return found
@@ -282,13 +281,8 @@ class Api:
             opts.check()
         except UserError as exc:
             raise ApiError(422, str(exc)) from None
-        futures = [self.batcher.submit(query, opts, name) for query, name in queries] if len(queries) > 1 else None
-        if futures is None:  # one query: decoded off the event loop
-            query, name = queries[0]
-            return [await self.batcher.ask_async(query, opts, name)]
-        import asyncio
-
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        # Each decoded off the event loop; those of a batch request go through the batcher together.
+        return list(await asyncio.gather(*(self.batcher.ask_async(query, opts, name) for query, name in queries)))
 
     # ------------------------------------------------------------------ routes
     def router(self) -> APIRouter:
@@ -336,15 +330,18 @@ class Api:
         def item_image(item_id: int) -> Response:
             i = self.item_id(ItemRef(id=item_id))
             try:
-                path = self.source.file(i)
-                if path is not None:
-                    if not path.is_file():
-                        raise ApiError(404, f"item {i}: {path} no longer exists")
-                    return FileResponse(path)
-                buf = io.BytesIO()
+                path = self.source.file(i)  # the id is known: it can only refuse a file outside the folders
+            except UserError as exc:
+                raise ApiError(403, str(exc)) from None
+            if path is not None:
+                if not path.is_file():
+                    raise ApiError(404, f"item {i}: {path} no longer exists")
+                return FileResponse(path)
+            buf = io.BytesIO()
+            try:
                 self.source.open(i).save(buf, "PNG")
             except UserError as exc:
-                raise ApiError(403 if "outside" in str(exc) else 404, str(exc)) from None
+                raise ApiError(404, str(exc)) from None
             return Response(buf.getvalue(), media_type="image/png")
 
         @router.get("/duplicates", summary="Near-duplicate groups (retrieval duplicates --json)")

@@ -82,6 +82,7 @@ def serve(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: in
         return
     import uvicorn
 
+    service.warm_up()
     batcher = Batcher(service, max_batch=max_batch)
     app = api_app(batcher, Access(credentials, token), max_body)
     if not api_only:
