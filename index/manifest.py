@@ -79,14 +79,40 @@ class DuplicatesInfo:
     neighbours_bound: float | None = None
     neighbour_k: int | None = None
     neighbour_percentile: float | None = None
+    # Where the index stores thumbnails, pairs need both: an embedding similarity of at least
+    # ``candidate_threshold`` (the ``candidate_percentile``th percentile of the copies'), and an
+    # aligned pixel score of at least ``pixel_threshold``: the ``pixel_percentile``th percentile
+    # of the copies' pixel scores (``pixel_copies_bound``), raised to the ``neighbour_percentile``th
+    # of items' pixel score with their ``neighbour_k``-th neighbour (``pixel_neighbours_bound``).
+    candidate_threshold: float | None = None
+    candidate_percentile: float | None = None
+    pixel_threshold: float | None = None
+    pixel_percentile: float | None = None
+    pixel_copies_bound: float | None = None
+    pixel_neighbours_bound: float | None = None
 
     def describe(self, when: str | None = "at build time") -> str:
+        """How the embedding-alone ``threshold`` was calibrated, in words."""
         text = (f"{'calibrated ' + when + ': ' if when else ''}the {self.percentile:g}th percentile of the similarity "
                 f"of {self.count} items to an altered copy of themselves")
         if self.neighbours_bound is not None and self.copies_bound is not None and self.neighbours_bound > self.copies_bound:
             text += (f" ({self.copies_bound:.4f}), raised to the {self.neighbour_percentile:g}th percentile of items' "
                      f"similarity to their {self.neighbour_k}th nearest neighbour: this encoder puts distinct images "
                      f"closer together than altered copies, so some copies will be missed")
+        return text
+
+    def describe_pixels(self, when: str | None = "at build time") -> str:
+        """How the thresholds of the pixel check were calibrated, in words."""
+        text = (f"{'calibrated ' + when + ': ' if when else ''}pairs proposed by the embedding at the "
+                f"{ordinal(self.candidate_percentile)} percentile of {self.count} altered copies' similarity, kept "
+                f"when their aligned pixels score at least the {ordinal(self.pixel_percentile)} percentile of the "
+                f"copies' pixel score")
+        raised = self.pixel_neighbours_bound is not None and self.pixel_copies_bound is not None and \
+            self.pixel_neighbours_bound > self.pixel_copies_bound
+        if raised:
+            text += (f" ({self.pixel_copies_bound:.4f}), raised to the {ordinal(self.neighbour_percentile)} percentile of "
+                     f"items' pixel score with their {self.neighbour_k}th nearest neighbour: distinct images here are "
+                     f"as alike in their pixels as altered copies, so some copies will be missed")
         return text
 
 
@@ -211,6 +237,14 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     data["encoder"] = encoder
     data["arrays"] = [a for a in data.get("arrays", []) if a not in ("map_points", "map_basis")]
     return data
+
+
+def ordinal(x: float | None) -> str:
+    """1st, 2nd, 3rd, 5th, 11th, 99th, 2.5th."""
+    if x is None or x != int(x):
+        return f"{x:g}th"
+    n = int(x)
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def now() -> str:

@@ -23,6 +23,7 @@ from retrieval.duplicate_threshold import calibrate_threshold
 from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
+from retrieval.pixel_match import THUMBNAILS
 from retrieval.options import IndexConfig
 from retrieval.service import check_encoder
 from simclr import dist
@@ -109,11 +110,13 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
                 cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30), cfg.progress,
             )
             _fit_anomaly_space(store, embedded.features, cfg.anomaly_shrinkage)
+            store.arrays[THUMBNAILS] = embedded.thumbnails
             notes = []
         else:
             note = store.append(embedded.vectors, embedded.items, [coll.source], cfg.progress)
             notes = [note] if note else []
             _append_anomaly_vectors(store, embedded.features)
+            _append_thumbnails(store, embedded.thumbnails)
         if added or not cfg.append:
             _calibrate_and_map(store, encoder, cfg)
             # The encoder travels with the index, so that the folder is self-contained.
@@ -149,6 +152,13 @@ def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> None:
         return
     name = store.manifest.anomaly.vectors
     store.arrays[name] = np.concatenate([np.asarray(store.arrays[name]), space.transform(features).astype(np.float16)])
+
+
+def _append_thumbnails(store: IndexStore, thumbnails: np.ndarray) -> None:
+    """New items' thumbnails join the stored ones; an index built before thumbnails existed
+    keeps none (its near-duplicate scan goes on the embedding alone, and says so)."""
+    if THUMBNAILS in store.arrays:
+        store.arrays[THUMBNAILS] = np.concatenate([np.asarray(store.arrays[THUMBNAILS]), thumbnails])
 
 
 def _calibrate_and_map(store: IndexStore, encoder: Encoder, cfg: IndexConfig) -> None:
@@ -193,7 +203,8 @@ def _gather(part: Embedded, out: Path) -> Embedded:
     shard_dir = out.parent / f".{out.name}.shards-{run}"
     shard_dir.mkdir(parents=True, exist_ok=True)
     r = dist.rank()
-    np.savez(shard_dir / f"rank-{r}.npz", vectors=part.vectors, positions=part.positions, features=part.features)
+    np.savez(shard_dir / f"rank-{r}.npz", vectors=part.vectors, positions=part.positions, features=part.features,
+             thumbnails=part.thumbnails)
     part.items.write(shard_dir / f"rank-{r}.items.jsonl")
     (shard_dir / f"rank-{r}.json").write_text(json.dumps({"failures": part.failures, "duplicates": part.duplicates}))
     dist.barrier()
@@ -205,7 +216,7 @@ def _gather(part: Embedded, out: Path) -> Embedded:
         meta = json.loads((shard_dir / f"rank-{r}.json").read_text())
         parts.append(Embedded(
             arrays["vectors"], Items.read(shard_dir / f"rank-{r}.items.jsonl"), arrays["positions"], arrays["features"],
-            [tuple(f) for f in meta["failures"]], meta["duplicates"],
+            arrays["thumbnails"], [tuple(f) for f in meta["failures"]], meta["duplicates"],
         ))
     shutil.rmtree(shard_dir, ignore_errors=True)
     return merge(parts)

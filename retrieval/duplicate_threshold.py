@@ -12,7 +12,11 @@ percentile would chain most of the collection into a few huge groups. So the thr
 raised, if need be, to a high percentile of the items' similarity to their 10th nearest
 neighbour: ten or more copies of one picture are rare, so few items should have that many
 neighbours above the threshold. The raise trades recall for precision, and the description
-of the threshold says when it happened. It is measured at build time and kept in the manifest
+of the threshold says when it happened. Where the index stores thumbnails (:mod:`retrieval.pixel_match`), the embedding only proposes
+pairs, at a low percentile of the copies' similarity (:data:`CANDIDATE_PERCENTILE`), and
+their aligned pixels decide: the pixel threshold is a low percentile of the copies' pixel
+score, raised the same way to a high percentile of items' pixel score with their 10th nearest
+neighbour. It is measured at build time and kept in the manifest
 (:class:`index.manifest.DuplicatesInfo`); an index built before has it measured on demand
 (cached nowhere: readers never write into the index folder).
 """
@@ -38,8 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE = 200
+SAMPLE = 500
 PERCENTILE = 5.0  # see BENCHMARKS.md, "Near-duplicates"
+CANDIDATE_PERCENTILE = 1.0  # the embedding's bar when pixels decide
+PIXEL_PERCENTILE = 1.0
 MIN_SAMPLE = 20
 BATCH = 256
 NEIGHBOUR_K = 10
@@ -59,6 +65,10 @@ class ThresholdCalibration:
     percentile: float
     neighbours: np.ndarray | None = None
     neighbour_percentile: float = NEIGHBOUR_PERCENTILE
+    pixel_similarities: np.ndarray | None = None  # the copies' pixel scores (None: no thumbnails)
+    pixel_neighbours: np.ndarray | None = None  # the k-th neighbours' pixel scores
+    pixel_percentile: float = PIXEL_PERCENTILE
+    candidate_percentile: float = CANDIDATE_PERCENTILE
 
     @property
     def copies_bound(self) -> float:
@@ -74,19 +84,48 @@ class ThresholdCalibration:
     def threshold(self) -> float:
         return max(self.copies_bound, self.neighbours_bound if self.neighbours_bound is not None else -1.0)
 
+    @property
+    def candidate_threshold(self) -> float:
+        """The embedding's bar when pixels decide: most copies are proposed."""
+        return float(np.percentile(self.similarities, self.candidate_percentile))
+
+    @property
+    def pixel_copies_bound(self) -> float | None:
+        if self.pixel_similarities is None:
+            return None
+        return float(np.percentile(self.pixel_similarities, self.pixel_percentile))
+
+    @property
+    def pixel_neighbours_bound(self) -> float | None:
+        if self.pixel_neighbours is None or not np.isfinite(self.pixel_neighbours).any():
+            return None
+        return float(np.nanpercentile(self.pixel_neighbours, self.neighbour_percentile))
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        if self.pixel_copies_bound is None:
+            return None
+        return max(self.pixel_copies_bound, self.pixel_neighbours_bound if self.pixel_neighbours_bound is not None else -1.0)
+
     def info(self, ranges: AlterationRanges = DEFAULT_RANGES) -> DuplicatesInfo:
         from index.manifest import DuplicatesInfo
 
+        pixels = self.pixel_threshold is not None
         return DuplicatesInfo(threshold=self.threshold, percentile=self.percentile, count=int(self.similarities.size),
                               alterations=ranges.describe(), copies_bound=self.copies_bound,
                               neighbours_bound=self.neighbours_bound, neighbour_k=NEIGHBOUR_K,
-                              neighbour_percentile=self.neighbour_percentile)
+                              neighbour_percentile=self.neighbour_percentile,
+                              candidate_threshold=self.candidate_threshold if pixels else None,
+                              candidate_percentile=self.candidate_percentile if pixels else None,
+                              pixel_threshold=self.pixel_threshold, pixel_percentile=self.pixel_percentile if pixels else None,
+                              pixel_copies_bound=self.pixel_copies_bound, pixel_neighbours_bound=self.pixel_neighbours_bound)
 
 
 def neighbour_similarities(store: IndexStore, k: int = NEIGHBOUR_K, sample: int = NEIGHBOUR_SAMPLE,
-                           seed: int = 0) -> np.ndarray:
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each of ``sample`` random items' similarity to its ``k``-th nearest other content, through
-    the index's search (NaN where the index returns fewer)."""
+    the index's search (NaN where the index returns fewer); with the items and those
+    neighbours (-1 where missing)."""
     from retrieval.duplicates import content_firsts
 
     n = store.manifest.count
@@ -97,7 +136,10 @@ def neighbour_similarities(store: IndexStore, k: int = NEIGHBOUR_K, sample: int 
     sims, ids = store.search(x, 2 * k + 1)
     other = (ids >= 0) & (first[np.maximum(ids, 0)] != first[rows][:, None])
     at = np.argmax(np.cumsum(other, axis=1) >= k, axis=1)
-    return np.where(other.sum(1) >= k, sims[np.arange(len(rows)), at], np.nan).astype(np.float32)
+    found = other.sum(1) >= k
+    picked = np.arange(len(rows))
+    return (np.where(found, sims[picked, at], np.nan).astype(np.float32), rows,
+            np.where(found, ids[picked, at], -1).astype(np.int64))
 
 
 def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPLE, percentile: float = PERCENTILE,
@@ -112,6 +154,7 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
     """
     import torch
 
+    from retrieval.pixel_match import pair_scores, stored_thumbnails, thumbnail
     from simclr.images import image_to_tensor, match_channels, pil_to_tensor
 
     if not 0 < percentile < 100:
@@ -121,7 +164,7 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
     rng = np.random.default_rng(seed)
     source = ItemSource(store.items.refs, store.manifest.sources)
     spec = encoder.spec
-    ids, tensors, failures = [], [], []
+    ids, tensors, thumbs, failures = [], [], [], []
     for i in rng.permutation(n):
         if len(ids) == want or len(failures) > max(want, 100):
             break
@@ -131,6 +174,7 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
             failures.append(str(exc))
             continue
         altered, _ = alter(im, rng, ranges)
+        thumbs.append(thumbnail(altered))
         if source.in_dataset(int(i)):
             # Data-set items were embedded from their pixels at the data set's size (the encoder
             # resizes them): the copy goes the same way, so that an unaltered one matches exactly.
@@ -157,27 +201,83 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
     ids_arr = np.asarray(ids, dtype=np.int64)
     own = np.asarray(store.vectors[np.sort(ids_arr)], dtype=np.float32)[np.argsort(np.argsort(ids_arr))]
     own /= np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-12)
-    return ThresholdCalibration((copies * own).sum(1).astype(np.float32), ids_arr, percentile,
-                                neighbour_similarities(store, seed=seed))
+    neighbours, rows, kth = neighbour_similarities(store, seed=seed)
+    pixel_copies = pixel_neighbours = None
+    stored = stored_thumbnails(store)
+    if stored is not None:
+        both = np.concatenate([np.asarray(stored[ids_arr]), np.stack(thumbs)])
+        pixel_copies = pair_scores(both, np.arange(len(ids)), len(ids) + np.arange(len(ids)))
+        found = kth >= 0
+        pixel_neighbours = np.full(len(rows), np.nan, np.float32)
+        pixel_neighbours[found] = pair_scores(stored, rows[found], kth[found])
+    return ThresholdCalibration((copies * own).sum(1).astype(np.float32), ids_arr, percentile, neighbours,
+                                pixel_similarities=pixel_copies, pixel_neighbours=pixel_neighbours)
 
 
-def resolve_threshold(store: IndexStore, threshold: float | None, device: str = "auto") -> tuple[float, str]:
-    """The threshold to use and where it comes from, in words: ``threshold`` when given, else
-    the index's stored calibration, else one measured now with the index's encoder."""
-    if threshold is not None:
-        return float(threshold), "given"
-    info = store.manifest.duplicates
-    if info is not None:
-        return float(info.threshold), info.describe()
-    from retrieval.service import check_encoder
-    from simclr.device import pick_device
-    from simclr.encoder import Encoder
+@dataclass(frozen=True)
+class DuplicateThreshold:
+    """What makes two items near duplicates in a scan: an embedding similarity of at least
+    ``similarity`` and, when ``pixels`` is set, an aligned pixel score of at least that
+    (:func:`retrieval.pixel_match.pair_scores`); ``source`` says where they come from."""
 
-    encoder = Encoder.load(store.encoder_path, pick_device(device))
-    check_encoder(store, encoder)
-    return measured(calibrate_threshold(store, encoder))
+    similarity: float
+    pixels: float | None
+    source: str
+
+    def describe(self) -> str:
+        if self.pixels is None:
+            return f"threshold {self.similarity:.4f} ({self.source})"
+        return f"threshold {self.similarity:.4f}, pixels {self.pixels:.4f} ({self.source})"
 
 
-def measured(cal: ThresholdCalibration) -> tuple[float, str]:
-    """A calibration measured on demand: its threshold and that in words."""
-    return cal.threshold, "calibrated now (the index has no stored calibration): " + cal.info().describe(when=None)
+def resolve_threshold(store: IndexStore, threshold: float | None = None, pixel_threshold: float | None = None,
+                      pixels: bool = True, device: str = "auto", encoder: Encoder | None = None) -> DuplicateThreshold:
+    """The thresholds of a scan and where they come from, in words: those given, else the
+    index's stored calibration, else one measured now with the index's encoder.
+
+    With ``pixels`` (the default) and thumbnails in the index, the aligned pixels decide what
+    the embedding proposes; without thumbnails (an index built before they were stored) the
+    embedding alone decides, and the source says so. A calibration measured now uses
+    ``encoder`` when given (else the index's own, loaded on ``device``).
+
+    Raises:
+        RetrievalError: ``pixel_threshold`` with ``pixels`` off, or on an index without thumbnails.
+    """
+    from retrieval.pixel_match import stored_thumbnails
+
+    if pixel_threshold is not None and not pixels:
+        raise RetrievalError("--pixel-threshold and --no-pixels contradict each other: leave out one")
+    has_thumbs = stored_thumbnails(store) is not None
+    if pixel_threshold is not None and not has_thumbs:
+        raise RetrievalError(f"{store.path} stores no thumbnails (it was built before they were, or appended to "
+                             f"since): rebuild it for a pixel check, or leave out --pixel-threshold")
+    use_pixels = pixels and has_thumbs
+    info, when = store.manifest.duplicates, "at build time"
+    needs = (threshold is None) or (use_pixels and pixel_threshold is None)
+    if needs and (info is None or (use_pixels and info.pixel_threshold is None)):
+        info, when = _calibrate_now(store, device, encoder).info(), "now (the index has no stored calibration)"
+    notes = [] if has_thumbs or not pixels else [
+        "the embedding alone decides: the index stores no thumbnails for a pixel check (rebuild it for one)"]
+    if not use_pixels:
+        source = "given" if threshold is not None else info.describe(when)
+        return DuplicateThreshold(float(threshold if threshold is not None else info.threshold), None,
+                                  "; ".join([source, *notes]))
+    if threshold is None and pixel_threshold is None:
+        source = info.describe_pixels(when)
+    elif threshold is not None and pixel_threshold is not None:
+        source = "given"
+    else:
+        source = f"{'similarity' if threshold is not None else 'pixels'} given; the other {info.describe_pixels(when)}"
+    return DuplicateThreshold(float(threshold if threshold is not None else info.candidate_threshold),
+                              float(pixel_threshold if pixel_threshold is not None else info.pixel_threshold), source)
+
+
+def _calibrate_now(store: IndexStore, device: str, encoder: Encoder | None) -> ThresholdCalibration:
+    if encoder is None:
+        from retrieval.service import check_encoder
+        from simclr.device import pick_device
+        from simclr.encoder import Encoder
+
+        encoder = Encoder.load(store.encoder_path, pick_device(device))
+        check_encoder(store, encoder)
+    return calibrate_threshold(store, encoder)

@@ -2,7 +2,8 @@
 
 Two items are duplicates when they have the same content hash (*exact* copies, from the items
 table) or when one is among the other's ``k`` nearest neighbours at a similarity of at least
-the threshold (*near* copies: re-encoded, resized, slightly cropped, brightened ...). Groups are
+the threshold (*near* copies: re-encoded, resized, slightly cropped, brightened ...) and, where
+the index stores thumbnails, their aligned pixels agree (:mod:`retrieval.pixel_match`). Groups are
 the connected components of that graph (single linkage, so every pair above the threshold
 lands in one group), found by a vectorised union-find.
 
@@ -27,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.answers import Hit
+from retrieval.pixel_match import pair_scores, stored_thumbnails
 
 if TYPE_CHECKING:  # FAISS is imported only where an index is used
     from index import IndexStore
+    from retrieval.duplicate_threshold import DuplicateThreshold
     from retrieval.options import DuplicateConfig
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,16 @@ NEAR = "near"
 
 @dataclass
 class Member:
-    """One item of a group: ``similarity`` to the group's first member, and ``exact_of`` the
-    first member of the group with the same content (``None`` when it is the first)."""
+    """One item of a group: ``similarity`` (and ``pixels``, the aligned pixel score, where the
+    index has thumbnails) to the group's first member, and ``exact_of`` the first member of the
+    group with the same content (``None`` when it is the first)."""
 
     id: int
     ref: str
     label: str | None
     similarity: float
     exact_of: int | None = None
+    pixels: float | None = None
 
 
 @dataclass
@@ -75,8 +80,9 @@ class DuplicateReport:
 
     index: str
     items: int
-    threshold: float
+    threshold: float  # the least embedding similarity of a pair
     threshold_source: str  # in words: given, or how it was calibrated
+    pixel_threshold: float | None  # the least aligned pixel score of a pair (None: no pixel check)
     search: str  # the index searched and its settings, in words
     seconds: float
     groups: list[Group] = field(default_factory=list)
@@ -87,8 +93,9 @@ class DuplicateReport:
     def summary(self) -> str:
         c = self.counts()
         grouped = sum(g.size for g in self.groups)
+        pixels = "" if self.pixel_threshold is None else f", pixels {self.pixel_threshold:.4f}"
         return (f"{c[NEAR]} near-duplicate and {c[EXACT]} exact-copy groups ({grouped} of {self.items} items); "
-                f"threshold {self.threshold:.4f} ({self.threshold_source}); {self.search}; {self.seconds:.1f}s")
+                f"threshold {self.threshold:.4f}{pixels} ({self.threshold_source}); {self.search}; {self.seconds:.1f}s")
 
     def lines(self) -> list[str]:
         out = [self.summary()]
@@ -96,23 +103,25 @@ class DuplicateReport:
             out.append(f"group {n}  {g.kind}, {g.size} items")
             for m in g.members:
                 same = f"  exact copy of {m.exact_of}" if m.exact_of is not None else ""
-                out.append(f"  {m.id:>8}  {m.similarity:.4f}  {(m.label or '-'):<16} {m.ref}{same}")
+                pixels = "" if m.pixels is None else f"  {m.pixels:.4f}"
+                out.append(f"  {m.id:>8}  {m.similarity:.4f}{pixels}  {(m.label or '-'):<16} {m.ref}{same}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index, "items": self.items, "threshold": self.threshold,
-            "threshold_source": self.threshold_source, "search": self.search, "seconds": round(self.seconds, 3),
+            "pixel_threshold": self.pixel_threshold, "threshold_source": self.threshold_source,
+            "search": self.search, "seconds": round(self.seconds, 3),
             "groups": [{"group": n, "kind": g.kind, "size": g.size, "members": [m.__dict__ for m in g.members]}
                        for n, g in enumerate(self.groups, 1)],
         }
 
-    CSV_HEADER = ("group", "kind", "size", "id", "similarity", "exact_of", "label", "ref")
+    CSV_HEADER = ("group", "kind", "size", "id", "similarity", "pixels", "exact_of", "label", "ref")
 
     def csv_rows(self) -> list[tuple]:
         """One row per member, under :attr:`CSV_HEADER`."""
-        return [(n, g.kind, g.size, m.id, f"{m.similarity:.6f}", "" if m.exact_of is None else m.exact_of,
-                 m.label or "", m.ref)
+        return [(n, g.kind, g.size, m.id, f"{m.similarity:.6f}", "" if m.pixels is None else f"{m.pixels:.6f}",
+                 "" if m.exact_of is None else m.exact_of, m.label or "", m.ref)
                 for n, g in enumerate(self.groups, 1) for m in g.members]
 
 
@@ -216,8 +225,10 @@ def group_labels(n: int, first: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.
     return components(n, np.concatenate([a, copies]), np.concatenate([b, first[copies]]))
 
 
-def make_groups(store: IndexStore, labels: np.ndarray, first: np.ndarray) -> list[Group]:
-    """The groups of two or more items, largest first (then by first member)."""
+def make_groups(store: IndexStore, labels: np.ndarray, first: np.ndarray,
+                thumbs: np.ndarray | None = None) -> list[Group]:
+    """The groups of two or more items, largest first (then by first member); with ``thumbs``,
+    each member's pixel score with the first."""
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
@@ -233,11 +244,13 @@ def make_groups(store: IndexStore, labels: np.ndarray, first: np.ndarray) -> lis
         rank = np.lexsort((ids, -sims))
         rank = np.r_[0, rank[rank != 0]]
         kind = EXACT if np.all(first[ids] == first[ids[0]]) else NEAR
+        pixels = None if thumbs is None else pair_scores(thumbs, np.full(len(ids), ids[0]), ids)
         members = []
         for r in rank:
             i = int(ids[r])
             f = int(first[i])
-            members.append(Member(i, items.refs[i], items.labels[i], float(sims[r]), None if f == i else f))
+            members.append(Member(i, items.refs[i], items.labels[i], float(sims[r]), None if f == i else f,
+                                  None if pixels is None else (1.0 if r == 0 else float(pixels[r]))))
         groups.append(Group(kind, members))
     groups.sort(key=lambda g: (-g.size, g.members[0].id))
     return groups
@@ -283,26 +296,36 @@ def approximate_similarities(store: IndexStore) -> bool:
 
 
 def scan(store: IndexStore, threshold: float, k: int = DEFAULT_K, nprobe: int | None = None,
-         flat_limit: int = FLAT_SCAN_LIMIT, batch: int = BATCH) -> tuple[list[Group], str]:
-    """The duplicate groups of ``store`` at ``threshold``, and how the index was searched."""
+         flat_limit: int = FLAT_SCAN_LIMIT, batch: int = BATCH,
+         pixel_threshold: float | None = None) -> tuple[list[Group], str]:
+    """The duplicate groups of ``store`` at ``threshold`` (and, when given, ``pixel_threshold``
+    on the pairs' aligned pixels), and how the index was searched."""
     n = store.manifest.count
     first = content_firsts(store.items.hashes)
     search, how = scan_search(store, nprobe, flat_limit)
     rerank = approximate_similarities(store)
     rows = np.flatnonzero(first == np.arange(n))
     a, b, _ = near_pairs(search, store.vectors, rows, first, threshold, k, batch, rerank)
+    thumbs = None if pixel_threshold is None else stored_thumbnails(store)
+    if pixel_threshold is not None:
+        if thumbs is None:
+            raise ValueError("a pixel threshold needs the index's thumbnails")
+        proposed = len(a)
+        keep = pair_scores(thumbs, a, b) >= pixel_threshold
+        a, b = a[keep], b[keep]
+        how += f", {len(a)} of {proposed} proposed pairs kept by their pixels"
     labels = group_labels(n, first, a, b)
     how += ", similarities recomputed from the stored vectors" if rerank else ""
-    return make_groups(store, labels, first), f"{how}, k={k}"
+    return make_groups(store, labels, first, thumbs), f"{how}, k={k}"
 
 
-def report(store: IndexStore, threshold: float, threshold_source: str, k: int = DEFAULT_K,
+def report(store: IndexStore, threshold: DuplicateThreshold, k: int = DEFAULT_K,
            nprobe: int | None = None) -> DuplicateReport:
-    """Scan a loaded index at ``threshold`` (``threshold_source`` says where it came from)."""
+    """Scan a loaded index at ``threshold``."""
     start = time.perf_counter()
-    groups, how = scan(store, threshold, k, nprobe)
-    return DuplicateReport(str(store.path), store.manifest.count, threshold, threshold_source, how,
-                           time.perf_counter() - start, groups)
+    groups, how = scan(store, threshold.similarity, k, nprobe, pixel_threshold=threshold.pixels)
+    return DuplicateReport(str(store.path), store.manifest.count, threshold.similarity, threshold.source,
+                           threshold.pixels, how, time.perf_counter() - start, groups)
 
 
 def find_duplicates(index_dir: str | Path, cfg: DuplicateConfig) -> DuplicateReport:
@@ -314,8 +337,8 @@ def find_duplicates(index_dir: str | Path, cfg: DuplicateConfig) -> DuplicateRep
     cfg.check()
     start = time.perf_counter()
     store = IndexStore.load(index_dir)
-    threshold, source = resolve_threshold(store, cfg.threshold, cfg.device)
-    out = report(store, threshold, source, cfg.k, cfg.nprobe)
+    threshold = resolve_threshold(store, cfg.threshold, cfg.pixel_threshold, cfg.pixels, cfg.device)
+    out = report(store, threshold, cfg.k, cfg.nprobe)
     out.seconds = time.perf_counter() - start
     return out
 
@@ -324,12 +347,14 @@ def find_duplicates(index_dir: str | Path, cfg: DuplicateConfig) -> DuplicateRep
 FOLD_DEPTH = 4  # `query --exclude-duplicates` looks this many times k deep for hits to keep
 
 
-def fold_hits(hits: list[Hit], vectors: np.ndarray, hashes: list[str], threshold: float) -> list[Hit]:
+def fold_hits(hits: list[Hit], vectors: np.ndarray, hashes: list[str], threshold: float,
+              thumbs: np.ndarray | None = None, pixel_threshold: float | None = None) -> list[Hit]:
     """``hits`` (best first) with every hit that duplicates a better one folded into it.
 
     A hit is kept unless it has the same content as a kept hit, or a similarity of at least
-    ``threshold`` to one; then its id goes to the ``folded`` list of the kept hit it is most
-    similar to. Kept hits are ranked 1, 2, ... again.
+    ``threshold`` to one (and, with ``thumbs``, an aligned pixel score of at least
+    ``pixel_threshold``); then its id goes to the ``folded`` list of the kept hit it is most
+    similar to among those. Kept hits are ranked 1, 2, ... again.
     """
     if not hits:
         return []
@@ -339,6 +364,11 @@ def fold_hits(hits: list[Hit], vectors: np.ndarray, hashes: list[str], threshold
     v[order] = np.asarray(vectors[ids[order]], dtype=np.float32)
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     sims = v @ v.T
+    if thumbs is not None and pixel_threshold is not None:
+        i, j = np.triu_indices(len(ids), 1)
+        pixels = np.ones_like(sims)
+        pixels[i, j] = pixels[j, i] = pair_scores(thumbs, ids[i], ids[j])
+        sims[pixels < pixel_threshold] = -np.inf  # the pixels say these are different pictures
     codes: dict[str, int] = {}
     content = np.array([codes.setdefault(hashes[i] or f"item {i}", len(codes)) for i in ids])
     sims[content[:, None] == content[None, :]] = np.inf  # same content: always a duplicate, and the closest one

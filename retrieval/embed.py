@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from index import Items
+from retrieval.pixel_match import THUMB, thumbnail, thumbnails_of
 from simclr.data import parse_source, scan_folder, load_images
 from simclr.encoder import Encoder
-from simclr.images import ImageReadError, match_channels, read_image
+from simclr.images import ImageReadError, match_channels, open_image, pil_to_tensor, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,14 @@ class Embedded:
     items: Items
     positions: np.ndarray  # (n,) positions in the collection
     features: np.ndarray  # (n, d) float32: the backbone's raw features (for the anomaly space)
+    thumbnails: np.ndarray | None = None  # (n, THUMB * THUMB) uint8: for near-duplicate checks
     failures: list[tuple[str, str]] = field(default_factory=list)  # (ref, reason)
     duplicates: int = 0  # items skipped because their content is already indexed
 
 
 class _Files(Dataset):
-    """Reads, hashes and decodes one file per item; failures come back as messages."""
+    """Reads, hashes and decodes one file per item into the encoder's input and a thumbnail
+    (:func:`retrieval.pixel_match.thumbnail`); failures come back as messages."""
 
     def __init__(self, paths: list[Path], size: int, channels: int, skip_hashes: frozenset[str]):
         self.paths, self.size, self.channels, self.skip = paths, size, channels, skip_hashes
@@ -89,15 +92,16 @@ class _Files(Dataset):
             data = path.read_bytes()
         except OSError as exc:
             if path.is_symlink() and not path.exists():
-                return i, None, "", f"{path}: broken symbolic link (to {os.readlink(path)})"
-            return i, None, "", f"{path}: cannot read file ({exc.strerror or exc})"
+                return i, None, None, "", f"{path}: broken symbolic link (to {os.readlink(path)})"
+            return i, None, None, "", f"{path}: cannot read file ({exc.strerror or exc})"
         digest = hashlib.sha256(data).hexdigest()
         if digest in self.skip:
-            return i, None, digest, None
+            return i, None, None, digest, None
         try:
-            return i, read_image(data, self.size, self.channels), digest, None
+            im = open_image(data, self.channels)
+            return i, pil_to_tensor(resize_center_crop(im, self.size)), thumbnail(im), digest, None
         except ImageReadError as exc:
-            return i, None, digest, str(exc).replace("image bytes", str(path), 1)
+            return i, None, None, digest, str(exc).replace("image bytes", str(path), 1)
 
 
 def _collate(rows: list) -> list:  # noqa: ANN001
@@ -144,10 +148,12 @@ def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded: 
     out = []
     for start in range(0, len(keep), batch_size):
         if contiguous:
-            batch = images[keep[start] : keep[start] + min(batch_size, len(keep) - start)]
+            rows = slice(keep[start], keep[start] + min(batch_size, len(keep) - start))
         else:
-            batch = images[torch.tensor(keep[start : start + batch_size])]
-        out.append(_embed_batch(encoder, batch))
+            rows = torch.tensor(keep[start : start + batch_size])
+        batch = images[rows]
+        # Thumbnails from the data set's own pixels (not the encoder's channels).
+        out.append((*_embed_batch(encoder, batch), thumbnails_of(coll.images[rows].numpy())))
         if bar is not None:
             bar.update(len(batch))
     return _result(encoder, coll, keep, out, [hashes[p] for p in keep], [], len(positions) - len(keep))
@@ -165,16 +171,16 @@ def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Em
     keep, out, hashes, failures, duplicates = [], [], [], [], 0
     for rows in loader:
         ok = [r for r in rows if r[1] is not None]
-        for i, _, digest, err in rows:
+        for i, _, _, digest, err in rows:
             if err is not None:
                 failures.append((coll.refs[positions[i]], err))
             elif digest in skip:
                 duplicates += 1
         if ok:
             batch = torch.stack([r[1] for r in ok])
-            out.append(_embed_batch(encoder, batch))
+            out.append((*_embed_batch(encoder, batch), np.stack([r[2] for r in ok])))
             keep.extend(positions[r[0]] for r in ok)
-            hashes.extend(r[2] for r in ok)
+            hashes.extend(r[3] for r in ok)
         if bar is not None:
             bar.update(len(rows))
     for ref, err in failures:
@@ -189,10 +195,11 @@ def _embed_batch(encoder: Encoder, batch: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _result(encoder, coll, keep, out, hashes, failures, duplicates) -> Embedded:  # noqa: ANN001
-    features = torch.cat([f for f, _ in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
-    vectors = torch.cat([v for _, v in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    features = torch.cat([f for f, _, _ in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    vectors = torch.cat([v for _, v, _ in out]).numpy() if out else np.zeros((0, encoder.dim), np.float32)
+    thumbs = np.concatenate([t for _, _, t in out]) if out else np.zeros((0, THUMB * THUMB), np.uint8)
     items = Items([coll.refs[p] for p in keep], [coll.labels[p] for p in keep], list(hashes))
-    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features, failures, duplicates)
+    return Embedded(vectors, items, np.asarray(keep, dtype=np.int64), features, thumbs, failures, duplicates)
 
 
 def skipped_lines(failures: list[tuple[str, str]], limit: int = 20) -> list[str]:
@@ -209,10 +216,11 @@ def merge(parts: list[Embedded]) -> Embedded:
     order = np.argsort(positions, kind="stable")
     vectors = np.concatenate([p.vectors for p in parts])[order]
     features = np.concatenate([p.features for p in parts])[order]
+    thumbs = np.concatenate([p.thumbnails for p in parts])[order]
     items = Items()
     for p in parts:
         items.extend(p.items)
     return Embedded(
         vectors=vectors, items=items.select(order.tolist()), positions=positions[order], features=features,
-        failures=[f for p in parts for f in p.failures], duplicates=sum(p.duplicates for p in parts),
+        thumbnails=thumbs, failures=[f for p in parts for f in p.failures], duplicates=sum(p.duplicates for p in parts),
     )

@@ -69,12 +69,14 @@ def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
         anomaly += "; " + (space.describe() if space is not None else
                            "mean cosine distance on the search vectors (built before anomaly spaces: rebuild for "
                            "scores that hold on one-kind collections)")
+    from retrieval.pixel_match import stored_thumbnails
+
     return IndexFacts(
         path=str(store.path), items=m.count, classes=len(m.classes), index_type=m.factory, dimension=m.dim,
         metric=m.metric, sources=list(m.sources),
         encoder=f"{e.arch or '?'} ({e.stem or '?'} stem, {e.image_size or '?'}px, {e.in_channels or '?'}ch{whitened})",
         encoder_sha256=m.encoder_sha256, trained_on=e.trained_on, created=m.created_at, updated=m.updated_at,
-        anomaly=anomaly, duplicates=_duplicates(m.duplicates), search=_search(m.search), lists=_lists(m.centroids),
+        anomaly=anomaly, duplicates=_duplicates(m.duplicates, stored_thumbnails(store) is not None), search=_search(m.search), lists=_lists(m.centroids),
     )
 
 
@@ -94,8 +96,14 @@ def _lists(info: CentroidInfo | None) -> str | None:
             f"{info.distance:.4f} at build time (appends are compared with it)")
 
 
-def _duplicates(info: DuplicatesInfo | None) -> str | None:
-    return None if info is None else f"threshold {info.threshold:.4f}, {info.describe()}"
+def _duplicates(info: DuplicatesInfo | None, thumbnails: bool) -> str | None:
+    if info is None:
+        return None if thumbnails else "no thumbnails stored: the embedding alone decides (rebuild for a pixel check)"
+    if thumbnails and info.pixel_threshold is not None:
+        return (f"threshold {info.candidate_threshold:.4f}, pixels {info.pixel_threshold:.4f}, {info.describe_pixels()}; "
+                f"without the pixel check (--no-pixels): threshold {info.threshold:.4f}")
+    alone = "" if thumbnails else "; no thumbnails stored: the embedding alone decides (rebuild for a pixel check)"
+    return f"threshold {info.threshold:.4f}, {info.describe()}{alone}"
 
 
 def describe_folder(path: str | Path) -> IndexFacts:

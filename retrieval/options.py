@@ -69,6 +69,8 @@ class DuplicateConfig:
     """Options of ``retrieval duplicates`` (its defaults are these)."""
 
     threshold: float | None = None  # None: the index's calibrated threshold
+    pixel_threshold: float | None = None  # None: the index's calibrated one (where it has thumbnails)
+    pixels: bool = True  # check proposed pairs' aligned pixels (where the index has thumbnails)
     k: int = DUPLICATE_K
     nprobe: int | None = None  # None: duplicates.SCAN_NPROBE
     device: str = "auto"  # for a calibration on demand
@@ -80,3 +82,5 @@ class DuplicateConfig:
             raise RetrievalError(f"nprobe must be >= 1, got {self.nprobe}")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise RetrievalError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.pixel_threshold is not None and not -1.0 <= self.pixel_threshold <= 1.0:
+            raise RetrievalError(f"pixel threshold must be a correlation in [-1, 1], got {self.pixel_threshold}")

@@ -34,10 +34,12 @@ from retrieval.anomaly import (
     stored_space,
 )
 from retrieval.answers import AnomalyScore, Answer, Hit, Prediction
+from retrieval.duplicate_threshold import DuplicateThreshold
 from retrieval.duplicates import FOLD_DEPTH, fold_hits
 from retrieval.errors import RetrievalError
 from retrieval.info import IndexFacts, describe
 from retrieval.options import Options
+from retrieval.pixel_match import stored_thumbnails
 from retrieval.queries import Unreadable
 from simclr.device import pick_device
 from simclr.encoder import Encoder
@@ -98,7 +100,7 @@ class Service:
         self._scans: dict[str, BatchScan | None] = {}  # built on the first large batch
         self._side = ThreadPoolExecutor(1, thread_name_prefix="anomaly-scan")
         self._build = threading.Lock()  # tables built on first use are built once
-        self._duplicate_threshold: tuple[float, str] | None = None  # measured on first use when not stored
+        self._duplicate_threshold: DuplicateThreshold | None = None  # the default, resolved on first use
         saved = stored_calibration(store)
         if saved is not None:
             self._calibrations[saved.k] = saved
@@ -267,17 +269,16 @@ class Service:
             cal = Calibration(cal.k, cal.scores, percentile)
         return cal
 
-    def duplicate_threshold(self) -> tuple[float, str]:
-        """The index's near-duplicate threshold and where it comes from, in words (measured once,
+    def duplicate_threshold(self, similarity: float | None = None, pixels: float | None = None) -> DuplicateThreshold:
+        """The near-duplicate thresholds: those given, the rest the index's own (measured once,
         with this service's encoder, when the index has none stored)."""
-        if self._duplicate_threshold is None:
-            from retrieval.duplicate_threshold import calibrate_threshold, measured, resolve_threshold
+        from retrieval.duplicate_threshold import resolve_threshold
 
-            if self.store.manifest.duplicates is not None:
-                self._duplicate_threshold = resolve_threshold(self.store, None)
-            else:
-                with self._lock:
-                    self._duplicate_threshold = measured(calibrate_threshold(self.store, self.encoder))
+        if similarity is not None or pixels is not None:
+            return resolve_threshold(self.store, similarity, pixels, encoder=self.encoder)
+        if self._duplicate_threshold is None:
+            with self._lock:
+                self._duplicate_threshold = resolve_threshold(self.store, encoder=self.encoder)
         return self._duplicate_threshold
 
     def answer_vectors(self, queries: Sequence[str], q: QueryVectors, opts: Options) -> list[Answer]:
@@ -296,7 +297,7 @@ class Service:
         fold_at = None
         depth = opts.k
         if opts.exclude_duplicates:
-            fold_at = opts.duplicate_threshold if opts.duplicate_threshold is not None else self.duplicate_threshold()[0]
+            fold_at = self.duplicate_threshold(opts.duplicate_threshold)
             depth = opts.k * FOLD_DEPTH
         wanted = max(depth, opts.knn_k if opts.classify else 0, anomaly_k if opts.anomaly and legacy else 0)
         ok = [i for i, e in enumerate(errors) if e is None]
@@ -342,7 +343,8 @@ class Service:
                 for r, (s, j) in enumerate(zip(sims[row, :depth], ids[row, :depth])) if j >= 0
             ]
             if fold_at is not None:
-                a.hits = fold_hits(a.hits, store.vectors, store.items.hashes, fold_at)[: opts.k]
+                a.hits = fold_hits(a.hits, store.vectors, store.items.hashes, fold_at.similarity,
+                                   stored_thumbnails(store) if fold_at.pixels is not None else None, fold_at.pixels)[: opts.k]
             if probs is not None:
                 p = probs[row]
                 a.prediction = Prediction(

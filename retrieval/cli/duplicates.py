@@ -24,6 +24,10 @@ def duplicates(
     index_dir: IndexArg,
     threshold: Annotated[Optional[float], typer.Option(
         help="Least cosine similarity of near duplicates (default: the index's calibrated threshold).")] = D.threshold,
+    pixel_threshold: Annotated[Optional[float], typer.Option(
+        help="Least aligned pixel correlation of near duplicates (default: the index's calibrated one).")] = D.pixel_threshold,
+    pixels: Annotated[bool, typer.Option(
+        "--pixels/--no-pixels", help="Check each proposed pair's aligned pixels (indexes with thumbnails).")] = D.pixels,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of each item searched for duplicates.")] = D.k,
     nprobe: Annotated[Optional[int], typer.Option(help=f"IVF lists to visit per item (approximate indexes; default {SCAN_NPROBE}).")] = D.nprobe,
     as_json: Annotated[bool, typer.Option("--json", help="Print the groups as one JSON object.")] = False,
@@ -33,14 +37,16 @@ def duplicates(
     """Groups of items that are the same picture: exact copies and near duplicates.
 
     Near duplicates are re-encoded, resized, cropped or brightened copies: items among each
-    other's k nearest neighbours at a similarity of at least the threshold (every such pair
-    joins one group). Groups come largest first, each member with its similarity to the
-    group's first member."""
+    other's k nearest neighbours at a similarity of at least the threshold whose small
+    grayscale thumbnails, aligned for crops and shifts, correlate at least at the pixel
+    threshold (every such pair joins one group). Groups come largest first, each member with
+    its similarity (and pixel score) to the group's first member."""
     from retrieval.duplicates import find_duplicates
 
     if as_json and csv_file is not None:
         raise RetrievalError("--json and --csv cannot be combined; pick one")
-    report = find_duplicates(index_dir, DuplicateConfig(threshold=threshold, k=k, nprobe=nprobe, device=device))
+    report = find_duplicates(index_dir, DuplicateConfig(threshold=threshold, pixel_threshold=pixel_threshold, pixels=pixels,
+                                                           k=k, nprobe=nprobe, device=device))
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     elif csv_file is not None:

@@ -346,11 +346,15 @@ class Api:
 
         @router.get("/duplicates", summary="Near-duplicate groups (retrieval duplicates --json)")
         def duplicates(threshold: Annotated[float | None, Query(ge=-1, le=1)] = None,
+                       pixel_threshold: Annotated[float | None, Query(ge=-1, le=1)] = None,
                        k: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
             from retrieval.duplicates import report
 
-            value, source = (threshold, "given") if threshold is not None else self.service.duplicate_threshold()
-            return report(self.service.store, value, source, k).to_dict()
+            try:
+                chosen = self.service.duplicate_threshold(threshold, pixel_threshold)
+            except UserError as exc:  # a pixel threshold for an index without thumbnails
+                raise ApiError(422, str(exc)) from None
+            return report(self.service.store, chosen, k).to_dict()
 
         return router
 

@@ -25,6 +25,7 @@ from retrieval.batcher import Batcher
 from retrieval.duplicates import DuplicateReport, report
 from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
+from retrieval.pixel_match import stored_thumbnails
 from retrieval.service import Options, Service
 from retrieval.web.mapplot import MapPlot
 from retrieval.web.server import DEFAULT_INDEX
@@ -39,8 +40,9 @@ DUPLICATE_ROWS = 2000  # members listed in its table at most
 DUPLICATE_SCANS = 4  # scans kept (the latest thresholds asked for)
 SHEET_ITEMS = 8  # thumbnails per group (two rows of four)
 DUPLICATES_DOC = ("Items that are the same picture: exact copies (same file content) and near duplicates "
-                  "(re-encoded, resized, slightly cropped, brightened ...). Leave the threshold empty for the "
-                  "index's calibrated one.")
+                  "(re-encoded, resized, slightly cropped, brightened ...): pairs the embedding proposes above the "
+                  "similarity threshold, kept when their small grayscale thumbnails, aligned for crops, agree. "
+                  "Leave the threshold empty for the index's calibrated one.")
 
 HOW_TO_BUILD = """
 # No index yet
@@ -79,7 +81,7 @@ class DuplicatesView:
 
     gallery: list[tuple[str, str]]  # (sheet file, caption)
     summary: str
-    rows: list[list[Any]]  # group, kind, id, similarity, label, ref
+    rows: list[list[Any]]  # group, kind, id, similarity, pixels, label, ref
 
 
 class WebApp:
@@ -138,17 +140,17 @@ class WebApp:
         the largest :data:`DUPLICATE_GROUPS` of them shown. The scans of the latest
         :data:`DUPLICATE_SCANS` thresholds are kept, so that going back to one is instant."""
         text = "" if threshold is None else str(threshold).strip()
-        if not text:
-            value, source = self.service.duplicate_threshold()
-        else:
+        given = None
+        if text:
             try:
-                value, source = float(text), "given"
+                given = float(text)
             except ValueError:
                 raise RetrievalError(f"threshold must be a number, got {text!r}") from None
-            if not -1.0 <= value <= 1.0:
-                raise RetrievalError(f"threshold must be a cosine similarity in [-1, 1], got {value}")
-        key = round(value, 6)
-        rep = self._duplicates.pop(key, None) or report(self.service.store, value, source)
+            if not -1.0 <= given <= 1.0:
+                raise RetrievalError(f"threshold must be a cosine similarity in [-1, 1], got {given}")
+        chosen = self.service.duplicate_threshold(given)
+        key = round(chosen.similarity, 6)
+        rep = self._duplicates.pop(key, None) or report(self.service.store, chosen)
         self._duplicates[key] = rep  # re-inserted: the dict's order is the order of use
         while len(self._duplicates) > DUPLICATE_SCANS:
             self._duplicates.pop(next(iter(self._duplicates)))
@@ -160,7 +162,8 @@ class WebApp:
             more = f" (first {SHEET_ITEMS} shown)" if g.size > SHEET_ITEMS else ""
             least = min(m.similarity for m in g.members)
             gallery.append((str(path), f"group {n} · {g.kind} · {g.size} items{more} · least similarity {least:.3f}"))
-            rows += [[n, g.kind, m.id, round(m.similarity, 4), m.label or "", m.ref] for m in g.members]
+            rows += [[n, g.kind, m.id, round(m.similarity, 4), "" if m.pixels is None else round(m.pixels, 4),
+                      m.label or "", m.ref] for m in g.members]
         c = rep.counts()
         shown = f"; the largest {DUPLICATE_GROUPS} shown" if len(rep.groups) > DUPLICATE_GROUPS else ""
         if len(rows) > DUPLICATE_ROWS:
@@ -168,7 +171,9 @@ class WebApp:
             rows = rows[:DUPLICATE_ROWS]
         summary = (f"**{c['near']} near-duplicate** and **{c['exact']} exact-copy** groups "
                    f"({sum(g.size for g in rep.groups):,} of {rep.items:,} images){shown}  \n"
-                   f"threshold **{rep.threshold:.4f}** ({rep.threshold_source}); {rep.search}; {rep.seconds:.1f} s")
+                   f"threshold **{rep.threshold:.4f}**"
+                   + ("" if rep.pixel_threshold is None else f", pixels **{rep.pixel_threshold:.4f}**")
+                   + f" ({rep.threshold_source}); {rep.search}; {rep.seconds:.1f} s")
         return DuplicatesView(gallery, summary, rows)
 
     def item_image(self, item_id: int) -> Image.Image:
@@ -275,7 +280,12 @@ class WebApp:
 
     def _duplicates_tab(self) -> None:
         stored = self.service.store.manifest.duplicates
-        calibrated = "calibrated" if stored is None else f"the calibrated {stored.threshold:.4f}"
+        if stored is None:
+            calibrated = "calibrated"
+        elif stored.pixel_threshold is not None and stored_thumbnails(self.service.store) is not None:
+            calibrated = f"the calibrated {stored.candidate_threshold:.4f}, then pixels {stored.pixel_threshold:.4f}"
+        else:
+            calibrated = f"the calibrated {stored.threshold:.4f}"
         gr.Markdown(DUPLICATES_DOC)
         with gr.Row():
             # A text box, not a number box: an empty number box sends 0, which would group everything.
@@ -285,8 +295,8 @@ class WebApp:
         summary = gr.Markdown("", elem_id="duplicates-summary")
         sheets = gr.Gallery(label="Groups, largest first", columns=4, height=560, allow_preview=False,
                             object_fit="contain", elem_id="duplicate-groups")
-        table = gr.Dataframe(headers=["group", "kind", "id", "similarity", "label", "ref"], interactive=False,
-                             label="Members (similarity to the group's first member)")
+        table = gr.Dataframe(headers=["group", "kind", "id", "similarity", "pixels", "label", "ref"], interactive=False,
+                             label="Members (similarity and aligned pixel score to the group's first member)")
 
         def run(value: str | None) -> tuple[list, str, list]:
             try:

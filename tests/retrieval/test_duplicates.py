@@ -182,12 +182,19 @@ def test_a_quantised_index_thresholds_exact_similarities() -> None:
     assert {frozenset(m.id for m in g.members) for g in groups} == expected
 
 
-def naive_fold(hits: list[Hit], vecs: np.ndarray, hashes: list[str], threshold: float) -> list[tuple[int, list[int]]]:
+def naive_fold(hits: list[Hit], vecs: np.ndarray, hashes: list[str], threshold: float,
+               allowed: np.ndarray | None = None) -> list[tuple[int, list[int]]]:
+    """Greedy, hit by hit; pairs not ``allowed`` (by their pixels) never fold, unless they are exact copies."""
     kept: list[tuple[int, list[int]]] = []
     for h in hits:
         best, best_sim = None, -np.inf
         for n, (kid, _) in enumerate(kept):
-            s = np.inf if hashes[kid] == hashes[h.id] else float(vecs[kid] @ vecs[h.id])
+            if hashes[kid] == hashes[h.id]:
+                s = np.inf
+            elif allowed is not None and not allowed[kid, h.id]:
+                s = -np.inf
+            else:
+                s = float(vecs[kid] @ vecs[h.id])
             if s > best_sim:
                 best, best_sim = n, s
         if best is not None and best_sim >= threshold:
@@ -216,17 +223,78 @@ def test_the_threshold_is_raised_where_distinct_neighbours_are_closer_than_copie
 
     vecs, hashes, _ = planted()
     n = len(vecs)
-    got = neighbour_similarities(store_of(vecs, hashes), k=3, sample=n)
+    got, rows, kth = neighbour_similarities(store_of(vecs, hashes), k=3, sample=n)
     sims = vecs @ vecs.T
     same = np.array(hashes)[:, None] == np.array(hashes)[None, :]
     sims[same] = -np.inf  # itself and its exact copies are not its neighbours
+    np.testing.assert_array_equal(rows, np.arange(n))
     np.testing.assert_allclose(got, np.sort(sims, axis=1)[:, -3], atol=1e-3)  # (float16 queries)
+    np.testing.assert_allclose(sims[rows, kth], got, atol=1e-3)  # the neighbour named is the one measured
     copies = np.linspace(0.5, 1.0, 101, dtype=np.float32)
     low = ThresholdCalibration(copies, np.arange(101), 5.0, neighbours=np.full(50, 0.3, np.float32))
     assert low.threshold == pytest.approx(0.525) and "raised" not in low.info().describe()
     high = ThresholdCalibration(copies, np.arange(101), 5.0, neighbours=np.linspace(0, 0.9, 100, dtype=np.float32))
     assert high.threshold == pytest.approx(np.percentile(np.linspace(0, 0.9, 100), 99), abs=1e-6)
     assert high.info().threshold == high.threshold and "raised to the 99th percentile" in high.info().describe()
+
+
+def look_alike_thumbnails(hashes: list[str], groups: set[frozenset[int]], seed: int = 3) -> np.ndarray:
+    """Thumbnails for :func:`planted`'s items: a distinct smooth picture per content, and for
+    each planted group's later members an altered copy (brightened, cropped, re-encoded ...)
+    of its first member's picture."""
+    from retrieval.alterations import alter
+    from retrieval.pixel_match import thumbnail
+
+    rng = np.random.default_rng(seed)
+    pictures: dict[str, Image.Image] = {}
+    thumbs = []
+    first_of = {i: min(g) for g in groups for i in g}
+    for i, h in enumerate(hashes):
+        if h not in pictures:
+            if i in first_of and first_of[i] != i:
+                pictures[h], _ = alter(pictures[hashes[first_of[i]]], rng)
+            else:
+                pictures[h] = Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)).resize(
+                    (96, 96), Image.Resampling.BICUBIC)
+        thumbs.append(thumbnail(pictures[h]))
+    return np.stack(thumbs)
+
+
+def test_pixels_keep_apart_what_the_embedding_cannot() -> None:
+    """Items of one kind whose embeddings all lie within the threshold (the case of a collection
+    of one kind of thing, or a weak encoder): the embedding alone chains the whole kind into one
+    group; the pixel check keeps exactly the planted copies together."""
+    vecs, hashes, expected = planted()
+    store = store_of(vecs, hashes)
+    store.arrays["thumbnails"] = look_alike_thumbnails(hashes, expected)
+    alone, _ = scan(store, threshold=0.6)
+    assert max(g.size for g in alone) > 40  # same-kind items chained together
+    groups, how = scan(store, threshold=0.6, pixel_threshold=0.9)
+    assert {frozenset(m.id for m in g.members) for g in groups} == expected
+    assert "proposed pairs kept by their pixels" in how
+    for g in groups:
+        assert g.members[0].pixels == 1.0 and all(m.pixels >= 0.9 for m in g.members if m.exact_of is None)
+
+
+def test_folding_with_pixels_matches_a_naive_pass_on_the_pixel_checked_pairs() -> None:
+    from retrieval.pixel_match import pair_scores
+
+    vecs, hashes, expected = planted()
+    store = store_of(vecs, hashes)
+    thumbs = look_alike_thumbnails(hashes, expected)
+    folded_any = changed = False
+    for q in (0, 3, 6, 300, 450):
+        sims, ids = store.search(vecs[q : q + 1], 40)
+        hits = [Hit(r + 1, int(j), float(s), store.items.refs[j], None) for r, (s, j) in enumerate(zip(sims[0], ids[0]))]
+        ids = [h.id for h in hits]
+        a, b = np.meshgrid(ids, ids, indexing="ij")
+        allowed = np.zeros((len(vecs), len(vecs)), bool)
+        allowed[a, b] = pair_scores(thumbs, a.ravel(), b.ravel()).reshape(a.shape) >= 0.9
+        folded = [(h.id, h.folded) for h in fold_hits(hits, store.vectors, hashes, 0.6, thumbs, 0.9)]
+        assert folded == naive_fold(hits, vecs, hashes, 0.6, allowed)
+        folded_any |= any(f for _, f in folded)
+        changed |= folded != [(h.id, h.folded) for h in fold_hits(hits, store.vectors, hashes, 0.6)]
+    assert folded_any and changed  # the pixels both let planted copies fold and keep look-alikes apart
 
 
 # ---------------------------------------------------------------------------- images, end to end
@@ -297,15 +365,33 @@ def test_the_build_calibrates_a_threshold_from_altered_copies(dup_index: Path) -
     from retrieval.duplicate_threshold import calibrate_threshold
     from simclr.encoder import Encoder
 
+    from retrieval.pixel_match import THUMBNAILS, pair_scores, thumbnail
+
     store = IndexStore.load(dup_index)
     info = store.manifest.duplicates
     assert info is not None and info.count == store.manifest.count and 0 < info.threshold < 1
-    assert f"duplicates threshold {info.threshold:.4f}, calibrated at build time" in run("info", dup_index).output
+    assert 0 < info.candidate_threshold < info.threshold and 0 < info.pixel_threshold < 1
+    described = run("info", dup_index).output
+    assert (f"duplicates threshold {info.candidate_threshold:.4f}, pixels {info.pixel_threshold:.4f}, calibrated at "
+            f"build time: pairs proposed by the embedding at the 1st percentile") in described
+    assert f"without the pixel check (--no-pixels): threshold {info.threshold:.4f}" in described
+    # Every item's thumbnail is stored: that of its whole image, as read from its file.
+    thumbs = store.arrays[THUMBNAILS]
+    assert thumbs.shape == (store.manifest.count, 24 * 24) and thumbs.dtype == np.uint8
+    for i in (0, 17, store.manifest.count - 1):
+        np.testing.assert_array_equal(thumbs[i], thumbnail(Image.open(store.items.refs[i])))
     encoder = Encoder.load(store.encoder_path)
     cal = calibrate_threshold(store, encoder)
     assert cal.threshold == pytest.approx(info.threshold, abs=1e-4)  # seeded: the same sample and alterations
+    assert cal.pixel_threshold == pytest.approx(info.pixel_threshold, abs=1e-5)
     assert cal.copies_bound == pytest.approx(np.percentile(cal.similarities, info.percentile))
     assert cal.threshold == max(cal.copies_bound, cal.neighbours_bound)
+    assert cal.pixel_copies_bound == pytest.approx(np.percentile(cal.pixel_similarities, 1.0))
+    assert cal.pixel_threshold == max(cal.pixel_copies_bound, cal.pixel_neighbours_bound)
+    # The copies' pixel scores are those of the copies with their own originals.
+    assert np.median(cal.pixel_similarities) > 0.97 > np.nanmedian(cal.pixel_neighbours) + 0.2
+    shuffled = pair_scores(thumbs, cal.ids, np.roll(cal.ids, 1))
+    assert np.median(shuffled) < np.median(cal.pixel_similarities) - 0.3
     # Each altered copy is compared with its own original: closer to it than distinct items are
     # to each other (a copy compared with the wrong item would not be).
     own = np.asarray(store.vectors, dtype=np.float32)[cal.ids]
@@ -330,21 +416,23 @@ def test_planted_copies_are_grouped_at_the_calibrated_threshold(dup_index: Path,
 
 
 def test_json_csv_and_text_outputs_agree(dup_index: Path, tmp_path: Path) -> None:
-    as_json = json.loads(run("duplicates", dup_index, "--json", "--threshold", 0.6).output)
+    as_json = json.loads(run("duplicates", dup_index, "--json", "--threshold", 0.6, "--pixel-threshold", 0.5).output)
     members = [(g["group"], g["kind"], m) for g in as_json["groups"] for m in g["members"]]
-    assert as_json["threshold"] == 0.6 and as_json["threshold_source"] == "given" and len(members) > 4
+    assert as_json["threshold"] == 0.6 and as_json["pixel_threshold"] == 0.5 and as_json["threshold_source"] == "given"
+    assert len(members) > 4 and all(m["pixels"] >= 0.5 for _, kind, m in members if kind == NEAR and m["exact_of"] is None)
     out = tmp_path / "groups.csv"
-    r = run("duplicates", dup_index, "--csv", out, "--threshold", 0.6)
+    r = run("duplicates", dup_index, "--csv", out, "--threshold", 0.6, "--pixel-threshold", 0.5)
     assert r.exit_code == 0, r.output
-    assert "threshold 0.6000 (given)" in r.output and f"wrote {len(members)} rows" in r.output
+    assert "threshold 0.6000, pixels 0.5000 (given)" in r.output and f"wrote {len(members)} rows" in r.output
     rows = list(csv.DictReader(out.open()))
     assert [(int(row["group"]), row["kind"], int(row["id"]), row["ref"]) for row in rows] == [
         (n, kind, m["id"], m["ref"]) for n, kind, m in members]
     assert [float(row["similarity"]) for row in rows] == pytest.approx([m["similarity"] for _, _, m in members], abs=1e-6)
+    assert [float(row["pixels"]) for row in rows] == pytest.approx([m["pixels"] for _, _, m in members], abs=1e-6)
     assert [row["exact_of"] for row in rows] == ["" if m["exact_of"] is None else str(m["exact_of"]) for _, _, m in members]
-    stdout = run("duplicates", dup_index, "--csv", "-", "--threshold", 0.6).output
+    stdout = run("duplicates", dup_index, "--csv", "-", "--threshold", 0.6, "--pixel-threshold", 0.5).output
     assert list(csv.DictReader(io.StringIO(stdout))) == rows
-    text = run("duplicates", dup_index, "--threshold", 0.6).output.splitlines()
+    text = run("duplicates", dup_index, "--threshold", 0.6, "--pixel-threshold", 0.5).output.splitlines()
     assert text[0].startswith(f"{sum(g['kind'] == NEAR for g in as_json['groups'])} near-duplicate and ")
     assert sum(line.startswith("group ") for line in text) == len(as_json["groups"])
     assert len(text) == 1 + len(as_json["groups"]) + len(members)
@@ -352,6 +440,9 @@ def test_json_csv_and_text_outputs_agree(dup_index: Path, tmp_path: Path) -> Non
     assert bad.exit_code == 1 and bad.output.strip() == "error: --json and --csv cannot be combined; pick one"
     bad = run("duplicates", dup_index, "--threshold", 1.5)
     assert bad.exit_code == 1 and bad.output.strip() == "error: threshold must be a cosine similarity in [-1, 1], got 1.5"
+    bad = run("duplicates", dup_index, "--pixel-threshold", 0.9, "--no-pixels")
+    assert bad.exit_code == 1 and bad.output.strip() == (
+        "error: --pixel-threshold and --no-pixels contradict each other: leave out one")
 
 
 def test_query_folds_hits_that_duplicate_a_better_hit(dup_index: Path, dup_folder) -> None:  # noqa: ANN001
@@ -381,8 +472,44 @@ def test_an_index_without_a_stored_threshold_is_calibrated_on_demand(dup_index: 
     r = run("duplicates", copy, "--json", "--device", "cpu")
     report = json.loads(r.output)
     assert "calibrated now" in report["threshold_source"]
-    assert report["threshold"] == pytest.approx(stored["threshold"], abs=1e-4)
+    assert report["threshold"] == pytest.approx(stored["candidate_threshold"], abs=1e-4)
+    assert report["pixel_threshold"] == pytest.approx(stored["pixel_threshold"], abs=1e-5)
     assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # nothing cached in the folder
+
+
+def test_an_index_without_thumbnails_falls_back_to_the_embedding_and_says_so(dup_index: Path, dup_folder,  # noqa: ANN001
+                                                                            tmp_path: Path) -> None:
+    copy = tmp_path / "idx"
+    shutil.copytree(dup_index, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["arrays"].remove("thumbnails")
+    for key in ("candidate_threshold", "candidate_percentile", "pixel_threshold", "pixel_percentile",
+                "pixel_copies_bound", "pixel_neighbours_bound"):
+        manifest["duplicates"].pop(key)  # as an index built before thumbnails were stored
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "thumbnails.npy").unlink()
+    report = json.loads(run("duplicates", copy, "--json").output)
+    assert report["pixel_threshold"] is None and report["threshold"] == pytest.approx(manifest["duplicates"]["threshold"])
+    assert "the embedding alone decides: the index stores no thumbnails" in report["threshold_source"]
+    assert "no thumbnails stored: the embedding alone decides" in run("info", copy).output
+    bad = run("duplicates", copy, "--pixel-threshold", 0.9)
+    assert bad.exit_code == 1 and bad.output.startswith(f"error: {copy} stores no thumbnails")
+    # With them, --no-pixels gives the embedding-alone threshold of the same calibration.
+    alone = json.loads(run("duplicates", dup_index, "--json", "--no-pixels").output)
+    assert alone["pixel_threshold"] is None and alone["threshold"] == pytest.approx(manifest["duplicates"]["threshold"])
+    # Appending new pictures appends their thumbnails.
+    from retrieval.build import IndexConfig, build_index
+    from retrieval.pixel_match import thumbnail
+
+    extra = tmp_path / "more"
+    extra.mkdir()
+    blob(np.random.default_rng(9)).save(extra / "new.png")
+    grown = tmp_path / "grown"
+    shutil.copytree(dup_index, grown)
+    build_index(IndexConfig(source=str(extra), out=str(grown), append=True, workers=0, progress=False))
+    store = IndexStore.load(grown)
+    assert store.arrays["thumbnails"].shape[0] == store.manifest.count == IndexStore.load(dup_index).manifest.count + 1
+    np.testing.assert_array_equal(store.arrays["thumbnails"][-1], thumbnail(Image.open(extra / "new.png")))
 
 
 def test_the_app_lists_the_groups_with_thumbnails(dup_index: Path) -> None:
@@ -400,7 +527,7 @@ def test_the_app_lists_the_groups_with_thumbnails(dup_index: Path) -> None:
     assert len(ids) == 2
     # The view's text box: empty is the calibrated threshold, anything else a number in [-1, 1].
     assert web.duplicates("").summary == view.summary
-    assert "(given)" in web.duplicates(" 0.99 ").summary
+    assert "(similarity given; the other calibrated at build time" in web.duplicates(" 0.99 ").summary
     for bad, message in (("abc", "must be a number"), ("2", "must be a cosine similarity")):
         with pytest.raises(RetrievalError, match=message):
             web.duplicates(bad)

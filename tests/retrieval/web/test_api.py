@@ -191,6 +191,9 @@ def test_info_items_images_and_duplicates(open_api: httpx.Client, api_index, ima
         assert r.status_code in (404, 422) and b"root:" not in r.content and b"TOP-SECRET" not in r.content, path
     dup = open_api.get("duplicates", params={"threshold": 0.999}).json()
     assert dup["items"] == 48 and dup["threshold"] == 0.999 and isinstance(dup["groups"], list)
+    assert dup["pixel_threshold"] is not None and "similarity given" in dup["threshold_source"]
+    both = open_api.get("duplicates", params={"threshold": 0.5, "pixel_threshold": 0.999}).json()
+    assert (both["threshold"], both["pixel_threshold"], both["threshold_source"]) == (0.5, 0.999, "given")
     assert open_api.get("duplicates", params={"threshold": 3}).status_code == 422
     docs = open_api.get("openapi.json").json()
     assert {"/api/v1/search", "/api/v1/search/batch", "/api/v1/info", "/api/v1/items/{item_id}/image"} <= set(docs["paths"])
