@@ -10,9 +10,10 @@ altered copies (:func:`retrieval.alterations.alter`: 1-2 of low-quality JPEG, re
 to 10%, brightness, contrast, rotation; ``--alterations compound``: up to all six), mixed with the source's other images as unrelated ones, all
 written as files into class folders and indexed by ``retrieval index`` (which calibrates the
 threshold). A pair is true when both items are the same picture (a base and its copies, or
-identical files); pair precision and recall of the groups at the calibrated threshold, at the
-thresholds of other calibration percentiles (five calibration seeds each), and over a sweep of
-thresholds (the precision-recall curve, ``pr_curve.png``).
+identical files); pair precision and recall of the groups at the calibrated thresholds, with
+the pixel check (the command's default) and without it (``--no-pixels``, the embedding alone),
+at other calibration percentiles (five calibration seeds each), and over sweeps of both
+thresholds (the precision-recall curves, ``pr_curve.png``).
 
 ``scale``: ``--n`` synthetic vectors derived from real embeddings (each a real vector plus
 noise scaled so that distinct items' nearest neighbours are as similar as the real ones';
@@ -124,6 +125,8 @@ def constructed(args: argparse.Namespace) -> None:
     from retrieval.duplicate_threshold import calibrate_threshold
     from retrieval.duplicates import DEFAULT_K, content_firsts, find_duplicates, group_labels, near_pairs, scan_search
     from retrieval.options import DuplicateConfig
+    from retrieval.pixel_match import pair_scores as pixel_scores
+    from retrieval.pixel_match import stored_thumbnails
     from simclr.encoder import Encoder
 
     out = Path(args.out)
@@ -143,82 +146,118 @@ def constructed(args: argparse.Namespace) -> None:
     true = truth_labels(store, truth, folder)
     n = store.manifest.count
     encoder = Encoder.load(store.encoder_path)
-    calibrated = info.threshold
-    if ranges != DEFAULT_RANGES:  # the build calibrated on the default alterations: again, on these
-        calibrated = calibrate_threshold(store, encoder, ranges=ranges).threshold
-    print(f"indexed {n} items in {build_s:.1f}s; calibrated threshold {calibrated:.4f}", flush=True)
+    # The build calibrated on the default alterations; for others the thresholds are measured again on them.
+    cal = None if ranges == DEFAULT_RANGES else calibrate_threshold(store, encoder, ranges=ranges)
+    print(f"indexed {n} items in {build_s:.1f}s; calibration {(cal.info() if cal else info).__dict__}", flush=True)
 
-    # The whole command, as a user runs it, at the calibrated threshold.
-    start = time.perf_counter()
-    report = find_duplicates(idx, DuplicateConfig(threshold=None if ranges == DEFAULT_RANGES else calibrated))
-    scan_s = time.perf_counter() - start
-    pred = np.arange(n)
-    for g in report.groups:
-        pred[[m.id for m in g.members]] = g.members[0].id
-    at_calibrated = {"threshold": calibrated, **pair_scores(pred, true), "groups": len(report.groups),
-                     "scan_s": round(scan_s, 2)}
-    print("calibrated:", at_calibrated, flush=True)
+    def whole_command(pixels: bool) -> dict:
+        """``retrieval duplicates`` as a user runs it, at the calibrated thresholds."""
+        given = {} if cal is None else (
+            {"threshold": cal.candidate_threshold, "pixel_threshold": cal.pixel_threshold} if pixels
+            else {"threshold": cal.threshold})
+        start = time.perf_counter()
+        report = find_duplicates(idx, DuplicateConfig(pixels=pixels, **given))
+        scan_s = time.perf_counter() - start
+        pred = np.arange(n)
+        for g in report.groups:
+            pred[[m.id for m in g.members]] = g.members[0].id
+        return {"threshold": report.threshold, "pixel_threshold": report.pixel_threshold,
+                **pair_scores(pred, true), "groups": len(report.groups), "scan_s": round(scan_s, 2), "search": report.search}
 
-    # One kNN graph at a low floor serves every threshold of the curve.
+    at_calibrated = whole_command(pixels=True)
+    print("calibrated, pixels checked:", at_calibrated, flush=True)
+    embedding_alone = whole_command(pixels=False)
+    print("calibrated, the embedding alone (--no-pixels):", embedding_alone, flush=True)
+
+    # One kNN graph at a low floor serves every threshold of the curves.
     first = content_firsts(store.items.hashes)
     search, _ = scan_search(store)
     a, b, sims = near_pairs(search, store.vectors, np.flatnonzero(first == np.arange(n)), first, args.floor, DEFAULT_K)
+    start = time.perf_counter()
+    px = pixel_scores(stored_thumbnails(store), a, b)
+    pixel_s = time.perf_counter() - start
+    candidate = at_calibrated["threshold"]
 
-    def at(t: float) -> dict[str, float]:
-        keep = sims >= t
+    def at(t: float, pixel: float | None = None, bar: float = candidate) -> dict[str, float]:
+        keep = sims >= t if pixel is None else (sims >= bar) & (px >= pixel)
         return pair_scores(group_labels(n, first, a[keep], b[keep]), true)
 
-    # Evenly spaced thresholds, and the edges' own similarity quantiles where they crowd (near 1).
-    grid = np.unique(np.round(np.r_[np.linspace(args.floor, 1.0, 101), np.quantile(sims, np.linspace(0, 1, 300))
-                                    if len(sims) else []], 4))
-    curve = [{"threshold": float(t), **at(float(t))} for t in grid]
+    # Evenly spaced thresholds, and the edges' own score quantiles where they crowd (near 1).
+    def grid(scores: np.ndarray, lo: float) -> np.ndarray:
+        return np.unique(np.round(np.r_[np.linspace(lo, 1.0, 101), np.quantile(scores, np.linspace(0, 1, 300))
+                                        if len(scores) else []], 4))
+
+    curve = [{"threshold": float(t), **at(float(t))} for t in grid(sims, args.floor)]
+    pixel_curve = [{"threshold": float(t), **at(candidate, float(t))} for t in grid(px[sims >= candidate], 0.5)]
     percentiles = (1.0, 2.0, 5.0, 10.0)
     sample_sims, by_percentile = [], {p: [] for p in percentiles}
+    by_pixel_percentile: dict[float, list] = {p: [] for p in (1.0, 2.0, 5.0)}
     for seed in range(5):
-        cal = calibrate_threshold(store, encoder, sample=args.sample, seed=seed, ranges=ranges)
-        sample_sims.append(cal.similarities)
+        c = calibrate_threshold(store, encoder, sample=args.sample, seed=seed, ranges=ranges)
+        sample_sims.append(c.similarities)
         for p in percentiles:
-            t = float(np.percentile(cal.similarities, p))
+            t = float(np.percentile(c.similarities, p))
             by_percentile[p].append({"threshold": t, **at(t)})
-    calibration = [{"percentile": p, "threshold_mean": float(np.mean([r["threshold"] for r in rows])),
-                    "threshold_min": float(np.min([r["threshold"] for r in rows])),
-                    "threshold_max": float(np.max([r["threshold"] for r in rows])),
-                    "precision_mean": float(np.mean([r["precision"] for r in rows])),
-                    "precision_min": float(np.min([r["precision"] for r in rows])),
-                    "recall_mean": float(np.mean([r["recall"] for r in rows])),
-                    "recall_min": float(np.min([r["recall"] for r in rows]))}
-                   for p, rows in by_percentile.items()]
-    for row in calibration:
+        for p in by_pixel_percentile:
+            c.pixel_percentile = p
+            by_pixel_percentile[p].append({"threshold": c.pixel_threshold, "candidate": c.candidate_threshold,
+                                           **at(c.candidate_threshold, c.pixel_threshold, c.candidate_threshold)})
+
+    def spread(key: str, p: float, rows: list[dict]) -> dict:
+        out = {key: p, "threshold_mean": float(np.mean([r["threshold"] for r in rows])),
+               "threshold_min": float(np.min([r["threshold"] for r in rows])),
+               "threshold_max": float(np.max([r["threshold"] for r in rows]))}
+        for m in ("precision", "recall"):
+            out |= {f"{m}_mean": float(np.mean([r[m] for r in rows])), f"{m}_min": float(np.min([r[m] for r in rows]))}
+        if "candidate" in rows[0]:
+            out |= {"candidate_min": float(np.min([r["candidate"] for r in rows])),
+                    "candidate_max": float(np.max([r["candidate"] for r in rows]))}
+        return out
+
+    calibration = [spread("percentile", p, rows) for p, rows in by_percentile.items()]
+    pixel_calibration = [spread("pixel_percentile", p, rows) for p, rows in by_pixel_percentile.items()]
+    for row in calibration + pixel_calibration:
         print(row, flush=True)
     copy_sims = np.concatenate(sample_sims)
     np.save(out / "copy_similarities.npy", copy_sims)
     distinct = distinct_neighbour_similarities(store, true, first)
     kth = kth_neighbour_similarities(store, first, DEFAULT_K)
     per_alteration = {}
-    for kind in KINDS:  # each alteration alone: which ones the encoder sees through
+    for kind in KINDS:  # each alteration alone: which ones the encoder and the pixels see through
         one = calibrate_threshold(store, encoder, sample=args.sample, ranges=replace(ranges, kinds=(kind,), count=(1, 1)))
         p5 = float(np.percentile(one.similarities, 5))
         per_alteration[kind] = {"p5": p5, "median": float(np.median(one.similarities)),
-                                "items_with_a_distinct_neighbour_above_p5": float(np.nanmean(distinct >= p5))}
+                                "items_with_a_distinct_neighbour_above_p5": float(np.nanmean(distinct >= p5)),
+                                "pixels_p1": float(np.percentile(one.pixel_similarities, 1)),
+                                "pixels_p5": float(np.percentile(one.pixel_similarities, 5)),
+                                "pixels_median": float(np.median(one.pixel_similarities))}
         print(kind, per_alteration[kind], flush=True)
+    is_true = true[a] == true[b]
     best = max((r for r in curve if r["precision"] >= 0.95), key=lambda r: r["recall"], default=None)
-    plot(curve, at_calibrated, calibration, out / "pr_curve.png", f"{args.source}, {args.bases} bases, {n} items")
+    best_pixels = max((r for r in pixel_curve if r["precision"] >= 0.95), key=lambda r: r["recall"], default=None)
+    plot(curve, pixel_curve, embedding_alone, at_calibrated, out / "pr_curve.png",
+         f"{args.source}, {args.bases} bases, {n} items")
     report_json = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "source": args.source,
         "encoder": args.encoder, "bases": args.bases, "items": n, "true_pairs": pairs(true),
         "alterations": ranges.describe(),
         "make_s": round(make_s, 1), "build_s": round(build_s, 1), "stored_calibration": info.__dict__,
-        "at_calibrated": at_calibrated, "calibration_percentiles": calibration,
-        "best_at_precision_0.95": best, "per_alteration": per_alteration,
+        "recalibrated": None if cal is None else cal.info().__dict__,
+        "at_calibrated": at_calibrated, "embedding_alone_at_calibrated": embedding_alone,
+        "graph": {"pairs": int(len(a)), "true_pairs_in_graph": int(is_true.sum()),
+                  "pairs_above_the_candidate_bar": int((sims >= candidate).sum()),
+                  "pixel_scoring_s": round(pixel_s, 2), "pairs_per_s": round(len(a) / max(pixel_s, 1e-9))},
+        "true_pairs_pixels_p1_p5_median": [float(np.percentile(px[is_true], q)) for q in (1, 5, 50)] if is_true.any() else None,
+        "false_pairs_pixels_p99_p999_max": [float(np.percentile(px[~is_true], q)) for q in (99, 99.9, 100)],
+        "calibration_percentiles": calibration, "pixel_calibration_percentiles": pixel_calibration,
+        "best_at_precision_0.95": best, "best_pixels_at_precision_0.95": best_pixels, "per_alteration": per_alteration,
         "copy_similarity_percentiles": {p: float(np.percentile(copy_sims, p)) for p in (0, 1, 2, 5, 10, 25, 50)},
         "distinct_nn_similarity_percentiles": {p: float(np.nanpercentile(distinct, p)) for p in (50, 90, 99, 99.9, 100)},
         f"nn{DEFAULT_K}_similarity_percentiles": {p: float(np.nanpercentile(kth, p)) for p in (50, 90, 95, 99, 100)},
-        "scores_at": {f"nn{DEFAULT_K}_p{p}": {"threshold": float(np.nanpercentile(kth, p)), **at(float(np.nanpercentile(kth, p)))}
-                      for p in (90, 95, 99)},
-        "curve": curve,
+        "curve": curve, "pixel_curve": pixel_curve,
     }
     write_report(report_json, str(out / "report.json"), show=False)
-    print(json.dumps({k: v for k, v in report_json.items() if k != "curve"}, indent=2))
+    print(json.dumps({k: v for k, v in report_json.items() if k not in ("curve", "pixel_curve")}, indent=2))
 
 
 def untrained_encoder(image_size: int, whiten_on: str, path: Path) -> str:
@@ -264,36 +303,36 @@ def kth_neighbour_similarities(store, first: np.ndarray, k: int, count: int = 20
     return np.array([s[o][k - 1] if o.sum() >= k else np.nan for s, o in zip(sims, other)])
 
 
-def plot(curve: list[dict], cal: dict, percentiles: list[dict], path: Path, title: str) -> None:
+def plot(curve: list[dict], pixel_curve: list[dict], alone: dict, checked: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.plot([r["recall"] for r in curve], [r["precision"] for r in curve], "-", color="#1f77b4")
-    left.plot([cal["recall"]], [cal["precision"]], "o", color="#d62728", label=f"calibrated ({cal['threshold']:.3f})")
+    left.plot([r["recall"] for r in curve], [r["precision"] for r in curve], "-", color="#1f77b4",
+              label="embedding alone, over its threshold")
+    left.plot([r["recall"] for r in pixel_curve], [r["precision"] for r in pixel_curve], "-", color="#2ca02c",
+              label=f"pixels checked (embedding >= {checked['threshold']:.3f}), over the pixel threshold")
+    left.plot([alone["recall"]], [alone["precision"]], "o", color="#1f77b4", mec="k", label="calibrated, embedding alone")
+    left.plot([checked["recall"]], [checked["precision"]], "o", color="#2ca02c", mec="k", label="calibrated, pixels checked")
     left.axhline(0.95, color="grey", lw=0.6, ls=":")
     left.axvline(0.95, color="grey", lw=0.6, ls=":")
     left.set_xlabel("pair recall")
     left.set_ylabel("pair precision")
     left.set_xlim(0, 1.01)
     left.set_ylim(0, 1.01)
-    left.legend(loc="lower left")
-    left.set_title("precision-recall over thresholds")
-    t = [r["threshold"] for r in curve]
-    right.plot(t, [r["precision"] for r in curve], label="precision")
-    right.plot(t, [r["recall"] for r in curve], label="recall")
-    for row in percentiles:
-        right.axvline(row["threshold_mean"], color="grey", lw=0.6, ls="--")
-        right.text(row["threshold_mean"], 0.02, f"p{row['percentile']:g}", rotation=90, fontsize=8, va="bottom")
-    right.axvline(cal["threshold"], color="#d62728", lw=1)
-    lo = min([cal["threshold"]] + [r["threshold_min"] for r in percentiles])
-    right.set_xlim(max(min(t), lo - 0.15), 1.0)
-    right.set_xlabel("similarity threshold")
+    left.legend(loc="lower left", fontsize=8)
+    left.set_title("precision-recall")
+    t = [r["threshold"] for r in pixel_curve]
+    right.plot(t, [r["precision"] for r in pixel_curve], label="precision")
+    right.plot(t, [r["recall"] for r in pixel_curve], label="recall")
+    right.axvline(checked["pixel_threshold"], color="#d62728", lw=1, label="calibrated")
+    right.set_xlim(0.5, 1.0)
+    right.set_xlabel("pixel threshold (aligned 16-px correlation)")
     right.set_ylim(0, 1.01)
     right.legend(loc="lower left")
-    right.set_title("against the threshold (dashed: calibration percentiles)")
+    right.set_title("pixels checked, against the pixel threshold")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -336,6 +375,22 @@ def synthetic(real: np.ndarray, n: int, copy_sims: np.ndarray, copy_share: float
                         "bases_with_copies": len(bases)}
 
 
+def synthetic_thumbnails(truth: np.ndarray, seed: int) -> np.ndarray:
+    """A thumbnail per item: noise for each distinct item, and its base's with a little noise
+    for a copy. Scoring pairs costs the same whatever the pixels, so this times the pixel check."""
+    from retrieval.pixel_match import THUMB
+
+    rng = np.random.default_rng(seed + 1)
+    n = len(truth)
+    thumbs = np.empty((n, THUMB * THUMB), np.uint8)
+    for s in range(0, n, 100_000):
+        thumbs[s : s + 100_000] = rng.integers(0, 256, (min(100_000, n - s), THUMB * THUMB), dtype=np.uint8)
+    copies = np.flatnonzero(truth != np.arange(n))
+    noise = rng.integers(-6, 7, (len(copies), THUMB * THUMB), dtype=np.int16)
+    thumbs[copies] = np.clip(thumbs[truth[copies]].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return thumbs
+
+
 def true_pairs(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (a < b) of items in one true group."""
     order = np.argsort(truth, kind="stable")
@@ -372,12 +427,15 @@ def scale(args: argparse.Namespace) -> None:
     store = IndexStore.build(vectors, items, "synthetic", factory=factory)
     build_s = time.perf_counter() - start
     print(f"built {factory} in {build_s:.1f}s", flush=True)
+    calibrated = json.loads((Path(args.copies) / "report.json").read_text())["at_calibrated"]
+    threshold = args.threshold if args.threshold is not None else float(calibrated["threshold"])
+    pixel_threshold = None
+    if not args.no_pixels:  # thumbnails, so that the scan checks its pairs' pixels as it would on real images
+        store.arrays["thumbnails"] = synthetic_thumbnails(truth, args.seed)
+        pixel_threshold = float(calibrated["pixel_threshold"])
     idx = out / "idx"
     store.save(idx)
     del store, vectors
-    threshold = args.threshold
-    if threshold is None:
-        threshold = float(json.loads((Path(args.copies) / "report.json").read_text())["at_calibrated"]["threshold"])
 
     # nprobe against edge recall and speed, on a sample of queries: of the true pairs with an
     # end asked about and a similarity at or above the threshold, how many the search finds.
@@ -407,6 +465,7 @@ def scale(args: argparse.Namespace) -> None:
 
     # The whole scan, as a user runs it, in a child process (its peak memory alone).
     cmd = [sys.executable, "-m", "retrieval", "duplicates", str(idx), "--threshold", str(threshold), "--json"]
+    cmd += ["--no-pixels"] if pixel_threshold is None else ["--pixel-threshold", str(pixel_threshold)]
     if args.nprobe is not None:
         cmd += ["--nprobe", str(args.nprobe)]
     start = time.perf_counter()
@@ -420,7 +479,8 @@ def scale(args: argparse.Namespace) -> None:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "n": n,
         "dim": int(real.shape[1]), "factory": factory, "made": made, "make_s": round(make_s, 1),
-        "build_s": round(build_s, 1), "threshold": threshold, "planted_pairs": ceiling, "sweep": sweep,
+        "build_s": round(build_s, 1), "threshold": threshold, "pixel_threshold": pixel_threshold,
+        "planted_pairs": ceiling, "sweep": sweep,
         "scan": {"command": " ".join(cmd[1:]), "wall_s": round(scan_s, 1), "reported_s": result["seconds"],
                  "peak_rss_gib": round(peak_kib / 2**20, 2), "search": result["search"],
                  "groups": len(result["groups"]), **scores},
@@ -489,7 +549,7 @@ def main() -> None:
     c.add_argument("--unrelated", type=int, default=None, help="at most this many unrelated images (default: all others)")
     c.add_argument("--alterations", choices=["default", "compound"], default="default",
                    help="default: 1-2 alterations per copy (as the calibration); compound: 1-6")
-    c.add_argument("--sample", type=int, default=200, help="calibration sample per seed")
+    c.add_argument("--sample", type=int, default=500, help="calibration sample per seed (the build's)")
     c.add_argument("--floor", type=float, default=0.0, help="lowest threshold of the curve")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="bench/out/duplicates/fm")
@@ -499,6 +559,7 @@ def main() -> None:
     s.add_argument("--n", type=int, default=1_000_000)
     s.add_argument("--copy-share", type=float, default=0.1)
     s.add_argument("--threshold", type=float, default=None, help="default: the constructed run's calibrated threshold")
+    s.add_argument("--no-pixels", action="store_true", help="no thumbnails: the embedding alone decides")
     s.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     s.add_argument("--nprobe", type=int, default=None, help="nprobe of the whole scan (default: the command's)")
     s.add_argument("--sweep-queries", type=int, default=20_000)

@@ -8,7 +8,8 @@
       index.faiss      the FAISS index (ids are row numbers of the items table)
       items.jsonl      one line per item: id, ref (file path or dataset:split:n), label, hash
       vectors.npy      the embeddings (float16), for appends, re-indexing and calibration
-      <name>.npy       named arrays listed in the manifest (the anomaly calibration, the 2-D map)
+      <name>.npy       named arrays listed in the manifest (the anomaly calibration, the 2-D map,
+                       the thumbnails of near-duplicate checks)
       encoder.pt       a copy of the encoder the vectors were made with
 
 The folder is written by :meth:`IndexStore.save` alone, always whole into a temporary sibling
