@@ -4,7 +4,8 @@ The weights come from :func:`simclr.pretrained.pretrained_encoder` (ImageNet, do
 a local torchvision file); the whitening is fit here, on the raw features of a sample of the
 user's own images, streamed through :func:`retrieval.embed.embed_collection` (files are read
 by DataLoader workers, never all held in memory). ``retrieval train --init`` starts from the
-same weights and adapts them to the collection with SimCLR.
+same weights and adapts them to the collection with SimCLR. ``retrieval whiten``
+(:func:`rewhiten`) fits a whitening the same way for an encoder file that has none.
 """
 
 from __future__ import annotations
@@ -56,6 +57,37 @@ def whiten_on(encoder: Encoder, coll: Collection, max_images: int | None = None,
                                                   f"few to fit a whitening of {dim}-d features (at least {need})")
     encoder.set_whitening(*fit_whitening(torch.from_numpy(embedded.features), shrinkage))
     return WhiteningFit(count, embedded.failures)
+
+
+def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | Path | None = None,
+             shrinkage: float | None = None, max_images: int | None = None, remove: bool = False,
+             device: str = "auto", workers: int | None = None) -> tuple[Path, WhiteningFit | None]:
+    """Write a copy of ``encoder`` whitened on a sample of ``data`` (streamed: a folder larger than
+    memory is fine), or, with ``remove``, without any whitening; returns the new file (default:
+    ``NAME-whitened.pt`` / ``NAME-plain.pt`` beside it) and how the fit went. For encoders trained with
+    ``--no-whiten`` or before whitening existed; the old file, and indexes built with it, stay.
+
+    Raises:
+        RetrievalError: the target exists (nothing is written), ``max_images`` < 1, or too few
+            readable images.
+    """
+    encoder = Path(encoder)
+    enc = Encoder.load(encoder, pick_device(device))
+    target = Path(out) if out is not None else encoder.with_name(f"{encoder.stem}-{'plain' if remove else 'whitened'}.pt")
+    if target.exists():
+        raise RetrievalError(f"{target} exists; choose another --out (nothing was written)")
+    if max_images is not None and max_images < 1:
+        raise RetrievalError(f"--max-images must be >= 1, got {max_images}")
+    fit = None
+    if remove:
+        enc.set_whitening(None, None)
+    else:
+        fit = whiten_on(enc, open_collection(data), max_images, DEFAULT_SHRINKAGE if shrinkage is None else shrinkage,
+                        workers)
+        if not fit.images:
+            raise RetrievalError(f"{data}: {fit.note} (nothing was written)")
+    enc.save(target)
+    return target, fit
 
 
 @dataclass

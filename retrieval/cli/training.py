@@ -100,10 +100,14 @@ def whiten(
     """Write a copy of an encoder whose embeddings are PCA-whitened (what training does by default);
     for encoders trained with --no-whiten or before whitening existed. Indexes built with the old file
     must be rebuilt."""
-    from simclr.rewhiten import rewhiten
+    from retrieval.embed import skipped_lines
+    from retrieval.pretrained import rewhiten
 
-    target = rewhiten(encoder, data, out, shrinkage, max_images, remove, device)
-    typer.echo(f"{'unwhitened' if remove else 'whitened'} encoder: {target}")
+    target, fit = rewhiten(encoder, data, out, shrinkage, max_images, remove, device)
+    for line in skipped_lines(fit.failures if fit else []):
+        typer.echo(line, err=True)
+    fitted = f" (fit on {fit.images} images)" if fit else ""
+    typer.echo(f"{'unwhitened' if remove else 'whitened'} encoder: {target}{fitted}")
 
 
 @app.command("knn-eval")

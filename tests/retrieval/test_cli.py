@@ -143,19 +143,34 @@ def test_unknown_architecture_lists_known(image_folder: Path, tmp_path: Path) ->
 def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image_folder: Path, tmp_path: Path, monkeypatch) -> None:
     import torch
 
+    from retrieval import pretrained
+    from retrieval.embed import open_collection
     from simclr import whitening
     from simclr.encoder import Encoder
+    from simclr.images import read_image
 
     before = tiny_encoder.read_bytes()
     r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt", "--device", "cpu")
     assert r.exit_code == 1 and "48 images are too few to fit a whitening of 64-d features" in r.output
-    monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.5)
-    r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt", "--device", "cpu")
+    assert "nothing was written" in r.output and not (tmp_path / "w.pt").exists()
+    monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.25)
+    # The images are streamed: only the sample of --max-images is read and embedded.
+    embedded = []
+    real = pretrained.embed_collection
+    monkeypatch.setattr(pretrained, "embed_collection", lambda enc, coll, **kw: embedded.append(len(coll)) or real(enc, coll, **kw))
+    r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt", "--max-images", 20, "--device", "cpu")
     assert r.exit_code == 0, r.output
+    assert embedded == [20] and "(fit on 20 images)" in r.output
     white, plain = Encoder.load(tmp_path / "w.pt"), Encoder.load(tiny_encoder)
     assert white.whitened and not plain.whitened and tiny_encoder.read_bytes() == before
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     assert torch.allclose(white.features(x), plain.features(x)) and not torch.allclose(white.embed(x), plain.embed(x))
+    # The same as fitting on the evenly spaced sample's images held in memory.
+    coll = open_collection(str(image_folder))
+    sample = whitening.evenly_spaced(torch.arange(len(coll)), 20).tolist()
+    images = torch.stack([read_image(coll.paths[i], plain.spec.image_size, plain.spec.in_channels) for i in sample])
+    plain.fit_whitening(images, max_images=20)
+    assert torch.allclose(white.white_matrix, plain.white_matrix, atol=1e-4)
     r = run("whiten", tiny_encoder, "--data", image_folder, "--out", tmp_path / "w.pt")
     assert r.exit_code == 1 and "exists" in r.output and white.checksum == Encoder.load(tmp_path / "w.pt").checksum
     r = run("whiten", tmp_path / "w.pt", "--remove", "--out", tmp_path / "p.pt")
