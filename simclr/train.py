@@ -31,6 +31,7 @@ from simclr.loss import NTXentLoss
 from simclr.metrics import MetricsLog
 from simclr.models import SimCLRModel, build_backbone, build_head, load_imagenet_weights
 from simclr.optim import WarmupCosine, build_optimizer, scaled_lr
+from simclr.pretrained import imagenet_stats
 from simclr.training_data import (
     STATS_IMAGES,
     InMemoryImages,
@@ -123,6 +124,9 @@ class Trainer:
         self.steps_per_epoch = len(source) // cfg.batch_size
         if self.state is not None:
             mean, std = self.state["stats"]["mean"], self.state["stats"]["std"]
+        elif cfg.init != "random":
+            # Pretrained weights expect their inputs normalised as in their own training.
+            mean, std = imagenet_stats(channels)
         else:
             stats_from = source.images if isinstance(source, InMemoryImages) else source.sample(STATS_IMAGES)
             mean, std = channel_stats(stats_from)

@@ -156,3 +156,24 @@ def test_bad_input_is_one_line_and_writes_nothing(resnet18_weights: Path, tmp_pa
     assert r.exit_code == 1 and r.output == (
         "error: cannot download ImageNet weights for resnet18 (OSError); pass --init PATH with a local torchvision weights file\n")
     assert not out.exists()
+
+
+def test_training_from_weights_feeds_them_as_imagenet_did(resnet18_weights: Path, image_folder: Path, tmp_path: Path) -> None:
+    """``retrieval train --init``: the weights are adapted with inputs normalised as in their own
+    training (ImageNet's statistics), not with the collection's; a run from random weights
+    keeps the collection's own."""
+    from simclr.config import TrainConfig
+    from simclr.encoder import channel_stats
+    from simclr.train import train
+
+    common = dict(data=str(image_folder), arch="resnet18", stem="standard", width=64, image_size=SIZE, batch_size=16,
+                  epochs=1, head_hidden=32, head_out=16, knn_every=0, progress=False, device="cpu", whiten=False)
+    adapted = train(TrainConfig(out=str(tmp_path / "a"), init=str(resnet18_weights), **common))
+    spec = Encoder.load(adapted.encoder).spec
+    assert spec.mean == pytest.approx(IMAGENET_MEAN) and spec.std == pytest.approx(IMAGENET_STD)
+    scratch = train(TrainConfig(out=str(tmp_path / "r"), **common))
+    own_mean, own_std = channel_stats(load_images(str(image_folder), size=SIZE).images)
+    spec = Encoder.load(scratch.encoder).spec
+    # (the trainer measures them on images decoded at its load size: close to these, not equal)
+    assert spec.mean == pytest.approx(own_mean, abs=0.02) and spec.std == pytest.approx(own_std, abs=0.02)
+    assert spec.mean != pytest.approx(IMAGENET_MEAN, abs=0.05)
