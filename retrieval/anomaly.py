@@ -203,6 +203,39 @@ def calibrate(store: IndexStore, k: int, percentile: float = DEFAULT_PERCENTILE,
     return Calibration(k, np.concatenate(scores), percentile)
 
 
+DRIFT_SAMPLE = 256  # appended items scored against the gallery as it was
+DRIFT_MIN_ITEMS = 20  # fewer appended items say nothing about drift
+DRIFT_FACTOR = 3.0  # the note shows when this many times the expected share is unusual ...
+DRIFT_FLOOR = 0.05  # ... and at least this share
+
+
+def append_drift_note(gallery: np.ndarray, appended: np.ndarray, cal: Calibration, seed: int = 0) -> str | None:
+    """Whether items being appended are unlike the gallery they join: (a sample of) them scored
+    in the anomaly space against the gallery as it was (``gallery`` (n, d), before the append),
+    at the calibration's k and threshold. A note when far more of them pass the threshold than
+    the gallery's own items do (``100 - percentile`` percent); ``None`` otherwise.
+
+    Appends go into the space fit at build time, as new vectors go into trained inverted lists;
+    a new kind of normal image is measured in a space fit without it, until the index is rebuilt.
+    """
+    if len(appended) < DRIFT_MIN_ITEMS or cal.scores.size == 0 or len(gallery) <= cal.k:
+        return None
+    from index.ann import L2Table
+
+    rows = np.arange(len(appended))
+    if len(rows) > DRIFT_SAMPLE:
+        rows = np.sort(np.random.default_rng(seed).choice(len(appended), DRIFT_SAMPLE, replace=False))
+    dists, _ = L2Table(gallery).search(np.asarray(appended[rows], dtype=np.float32), cal.k)
+    share = float((mean_distance(dists, cal.k) > cal.threshold).mean())
+    expected = 1.0 - cal.percentile / 100.0
+    if share <= max(DRIFT_FACTOR * expected, DRIFT_FLOOR):
+        return None
+    return (f"{share:.0%} of the appended images score as unusual against the index's gallery (beyond its "
+            f"anomaly threshold, which {expected:.0%} of the gallery's own items pass): they are unlike what the "
+            "anomaly space was fit on; if they are normal for the collection now, rebuild the index (without "
+            "--append) so that the space is fit on them too")
+
+
 def stored_calibration(store: IndexStore) -> Calibration | None:
     """The calibration saved in an index folder, if any."""
     info = store.manifest.calibration

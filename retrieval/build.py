@@ -18,7 +18,7 @@ import torch
 
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
-from retrieval.anomaly import WHITENED, AnomalySpace, calibrate, stored_space
+from retrieval.anomaly import WHITENED, AnomalySpace, append_drift_note, calibrate, stored_calibration, stored_space
 from retrieval.duplicate_threshold import calibrate_threshold
 from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
@@ -115,7 +115,8 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         else:
             note = store.append(embedded.vectors, embedded.items, [coll.source], cfg.progress)
             notes = [note] if note else []
-            _append_anomaly_vectors(store, embedded.features)
+            drift = _append_anomaly_vectors(store, embedded.features)
+            notes += [drift] if drift else []
             _append_thumbnails(store, embedded.thumbnails)
         if added or not cfg.append:
             _calibrate_and_map(store, encoder, cfg)
@@ -142,16 +143,25 @@ def _fit_anomaly_space(store: IndexStore, features: np.ndarray, shrinkage: float
     log.info("anomaly space: %s", space.describe())
 
 
-def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> None:
-    """New items go into the space fit at build time (as new vectors go into trained IVF lists)."""
+def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> str | None:
+    """New items go into the space fit at build time (as new vectors go into trained IVF lists);
+    a note when they are unlike the gallery they join (:func:`retrieval.anomaly.append_drift_note`)."""
     space = stored_space(store)
     if space is None:
         log.warning("%s was built before anomaly spaces existed: its anomaly scores stay cosine distances on the "
                     "search vectors; rebuild it (without --append) for scores that hold on one-kind collections",
                     store.path)
-        return
+        return None
     name = store.manifest.anomaly.vectors
-    store.arrays[name] = np.concatenate([np.asarray(store.arrays[name]), space.transform(features).astype(np.float16)])
+    gallery = np.asarray(store.arrays[name])
+    appended = space.transform(features).astype(np.float16)
+    cal = stored_calibration(store)
+    euclidean = store.manifest.calibration is not None and store.manifest.calibration.metric == "euclidean"
+    note = append_drift_note(gallery, appended, cal) if cal is not None and euclidean else None
+    if note:
+        log.warning("%s", note)
+    store.arrays[name] = np.concatenate([gallery, appended])
+    return note
 
 
 def _append_thumbnails(store: IndexStore, thumbnails: np.ndarray) -> None:

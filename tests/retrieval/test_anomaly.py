@@ -95,3 +95,30 @@ def test_anomaly_space_is_a_whitening_of_the_gallery() -> None:
     assert "too few" in small.describe()
     with pytest.raises(RetrievalError, match="shrinkage must be positive"):
         AnomalySpace.fit(feats, shrinkage=0)
+
+
+def test_appending_a_new_kind_of_image_is_noted_and_more_of_the_same_is_not() -> None:
+    """Appended items scored against the gallery as it was: more of the same kind pass the
+    threshold about as often as the gallery's own items; items shifted away from the kind do
+    not, and the note says to rebuild."""
+    from index.ann import L2Table
+    from retrieval.anomaly import AnomalySpace, append_drift_note, calibrate
+    from tests.helpers import one_kind
+
+    feats, _ = one_kind(seed=4, n=1400, anomalies=0, dim=16)
+    gallery, same = feats[:1000], feats[1000:]
+    space = AnomalySpace.fit(gallery, 1e-4)
+    g = space.transform(gallery).astype(np.float16)
+
+    class Store:  # what calibrate reads of an index
+        class manifest:
+            count = len(g)
+    cal = calibrate(Store, 5, 99.0, L2Table(g), g)
+    assert append_drift_note(g, space.transform(same).astype(np.float16), cal) is None
+    shifted = same + np.linspace(3.0, 0.2, 16).astype(np.float32) * 2.5  # the same spread, moved off the mean
+    note = append_drift_note(g, space.transform(shifted).astype(np.float16), cal)
+    assert note is not None and note.endswith("rebuild the index (without --append) so that the space is fit on them too")
+    share = int(note.split("%")[0])
+    assert share > 50
+    # A handful of appended images says nothing either way.
+    assert append_drift_note(g, space.transform(shifted[:5]).astype(np.float16), cal) is None

@@ -33,6 +33,8 @@ def test_append_skips_already_indexed_content(tiny_encoder: Path, image_folder: 
     r = run("index", "--append", "--source", image_folder, "--out", out, "--workers", 0, "--no-progress")
     assert r.exit_code == 0, r.output
     assert "indexed 32 images" in r.output and "16 already indexed" in r.output and "48 in all" in r.output
+    # Checks and stripes joining an index of bars: unlike what its anomaly space was fit on.
+    assert "of the appended images score as unusual against the index's gallery" in r.output
     r = run("index", "--append", "--source", image_folder, "--out", out, "--workers", 0, "--no-progress")
     assert "indexed 0 images" in r.output and "48 already indexed" in r.output
 
