@@ -239,9 +239,9 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def ordinal(x: float | None) -> str:
+def ordinal(x: float) -> str:
     """1st, 2nd, 3rd, 5th, 11th, 99th, 2.5th."""
-    if x is None or x != int(x):
+    if x != int(x):
         return f"{x:g}th"
     n = int(x)
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"

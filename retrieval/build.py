@@ -23,8 +23,8 @@ from retrieval.duplicate_threshold import calibrate_threshold
 from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
 from retrieval.errors import RetrievalError
-from retrieval.pixel_match import THUMBNAILS
 from retrieval.options import IndexConfig
+from retrieval.pixel_match import THUMBNAILS
 from retrieval.service import check_encoder
 from simclr import dist
 from simclr.device import pick_device

@@ -24,6 +24,7 @@ neighbour. It is measured at build time and kept in the manifest
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,40 +73,32 @@ class ThresholdCalibration:
 
     @property
     def copies_bound(self) -> float:
-        return float(np.percentile(self.similarities, self.percentile))
+        return _percentile(self.similarities, self.percentile)
 
     @property
     def neighbours_bound(self) -> float | None:
-        if self.neighbours is None or not np.isfinite(self.neighbours).any():
-            return None
-        return float(np.nanpercentile(self.neighbours, self.neighbour_percentile))
+        return _percentile(self.neighbours, self.neighbour_percentile)
 
     @property
     def threshold(self) -> float:
-        return max(self.copies_bound, self.neighbours_bound if self.neighbours_bound is not None else -1.0)
+        return _raised(self.copies_bound, self.neighbours_bound)
 
     @property
     def candidate_threshold(self) -> float:
         """The embedding's bar when pixels decide: most copies are proposed."""
-        return float(np.percentile(self.similarities, self.candidate_percentile))
+        return _percentile(self.similarities, self.candidate_percentile)
 
     @property
     def pixel_copies_bound(self) -> float | None:
-        if self.pixel_similarities is None:
-            return None
-        return float(np.percentile(self.pixel_similarities, self.pixel_percentile))
+        return _percentile(self.pixel_similarities, self.pixel_percentile)
 
     @property
     def pixel_neighbours_bound(self) -> float | None:
-        if self.pixel_neighbours is None or not np.isfinite(self.pixel_neighbours).any():
-            return None
-        return float(np.nanpercentile(self.pixel_neighbours, self.neighbour_percentile))
+        return _percentile(self.pixel_neighbours, self.neighbour_percentile)
 
     @property
     def pixel_threshold(self) -> float | None:
-        if self.pixel_copies_bound is None:
-            return None
-        return max(self.pixel_copies_bound, self.pixel_neighbours_bound if self.pixel_neighbours_bound is not None else -1.0)
+        return _raised(self.pixel_copies_bound, self.pixel_neighbours_bound)
 
     def info(self, ranges: AlterationRanges = DEFAULT_RANGES) -> DuplicatesInfo:
         from index.manifest import DuplicatesInfo
@@ -119,6 +112,20 @@ class ThresholdCalibration:
                               candidate_percentile=self.candidate_percentile if pixels else None,
                               pixel_threshold=self.pixel_threshold, pixel_percentile=self.pixel_percentile if pixels else None,
                               pixel_copies_bound=self.pixel_copies_bound, pixel_neighbours_bound=self.pixel_neighbours_bound)
+
+
+def _percentile(values: np.ndarray | None, q: float) -> float | None:
+    """The ``q``-th percentile of the finite ``values``; ``None`` without any."""
+    if values is None or not np.isfinite(values).any():
+        return None
+    return float(np.nanpercentile(values, q))
+
+
+def _raised(copies: float | None, neighbours: float | None) -> float | None:
+    """A bound on the copies' scores, raised to the neighbours' bound where that is higher."""
+    if copies is None or neighbours is None:
+        return copies
+    return max(copies, neighbours)
 
 
 def neighbour_similarities(store: IndexStore, k: int = NEIGHBOUR_K, sample: int = NEIGHBOUR_SAMPLE,
@@ -186,7 +193,7 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
     if len(ids) < min(MIN_SAMPLE, n):
         reason = f" ({failures[0]})" if failures else ""
         raise RetrievalError(f"cannot calibrate the duplicate threshold: only {len(ids)} of the {len(ids) + len(failures)} "
-                             f"items tried could be read back{reason}; pass --threshold")
+                             f"items tried could be read back{reason}; pass --threshold (and --pixel-threshold, or --no-pixels)")
     if failures:
         log.warning("duplicate calibration: %d items could not be read back and were passed over (%s)",
                     len(failures), failures[0])
@@ -224,21 +231,18 @@ class DuplicateThreshold:
     pixels: float | None
     source: str
 
-    def describe(self) -> str:
-        if self.pixels is None:
-            return f"threshold {self.similarity:.4f} ({self.source})"
-        return f"threshold {self.similarity:.4f}, pixels {self.pixels:.4f} ({self.source})"
-
 
 def resolve_threshold(store: IndexStore, threshold: float | None = None, pixel_threshold: float | None = None,
-                      pixels: bool = True, device: str = "auto", encoder: Encoder | None = None) -> DuplicateThreshold:
+                      pixels: bool = True, device: str = "auto",
+                      measure: Callable[[], DuplicatesInfo] | None = None) -> DuplicateThreshold:
     """The thresholds of a scan and where they come from, in words: those given, else the
     index's stored calibration, else one measured now with the index's encoder.
 
     With ``pixels`` (the default) and thumbnails in the index, the aligned pixels decide what
     the embedding proposes; without thumbnails (an index built before they were stored) the
-    embedding alone decides, and the source says so. A calibration measured now uses
-    ``encoder`` when given (else the index's own, loaded on ``device``).
+    embedding alone decides, and the source says so. An index without a stored calibration
+    is calibrated now, by ``measure`` when given (a caller that keeps the result), else with the
+    index's own encoder loaded on ``device``; only when a threshold it needs is not given.
 
     Raises:
         RetrievalError: ``pixel_threshold`` with ``pixels`` off, or on an index without thumbnails.
@@ -255,7 +259,8 @@ def resolve_threshold(store: IndexStore, threshold: float | None = None, pixel_t
     info, when = store.manifest.duplicates, "at build time"
     needs = (threshold is None) or (use_pixels and pixel_threshold is None)
     if needs and (info is None or (use_pixels and info.pixel_threshold is None)):
-        info, when = _calibrate_now(store, device, encoder).info(), "now (the index has no stored calibration)"
+        info = measure() if measure is not None else _calibrate_now(store, device).info()
+        when = "now (the index has no stored calibration)"
     notes = [] if has_thumbs or not pixels else [
         "the embedding alone decides: the index stores no thumbnails for a pixel check (rebuild it for one)"]
     if not use_pixels:
@@ -272,12 +277,11 @@ def resolve_threshold(store: IndexStore, threshold: float | None = None, pixel_t
                               float(pixel_threshold if pixel_threshold is not None else info.pixel_threshold), source)
 
 
-def _calibrate_now(store: IndexStore, device: str, encoder: Encoder | None) -> ThresholdCalibration:
-    if encoder is None:
-        from retrieval.service import check_encoder
-        from simclr.device import pick_device
-        from simclr.encoder import Encoder
+def _calibrate_now(store: IndexStore, device: str) -> ThresholdCalibration:
+    from retrieval.service import check_encoder
+    from simclr.device import pick_device
+    from simclr.encoder import Encoder
 
-        encoder = Encoder.load(store.encoder_path, pick_device(device))
-        check_encoder(store, encoder)
+    encoder = Encoder.load(store.encoder_path, pick_device(device))
+    check_encoder(store, encoder)
     return calibrate_threshold(store, encoder)

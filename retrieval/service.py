@@ -22,6 +22,7 @@ from common.errors import UserError
 from common.threads import single_thread_numpy_blas
 from index import IndexStore, ann
 from index.batch_scan import BatchScan
+from index.manifest import DuplicatesInfo
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import (
     DEFAULT_PERCENTILE,
@@ -100,7 +101,7 @@ class Service:
         self._scans: dict[str, BatchScan | None] = {}  # built on the first large batch
         self._side = ThreadPoolExecutor(1, thread_name_prefix="anomaly-scan")
         self._build = threading.Lock()  # tables built on first use are built once
-        self._duplicate_threshold: DuplicateThreshold | None = None  # the default, resolved on first use
+        self._duplicate_calibration: DuplicatesInfo | None = None  # measured on first use when not stored
         saved = stored_calibration(store)
         if saved is not None:
             self._calibrations[saved.k] = saved
@@ -274,12 +275,15 @@ class Service:
         with this service's encoder, when the index has none stored)."""
         from retrieval.duplicate_threshold import resolve_threshold
 
-        if similarity is not None or pixels is not None:
-            return resolve_threshold(self.store, similarity, pixels, encoder=self.encoder)
-        if self._duplicate_threshold is None:
-            with self._lock:
-                self._duplicate_threshold = resolve_threshold(self.store, encoder=self.encoder)
-        return self._duplicate_threshold
+        return resolve_threshold(self.store, similarity, pixels, measure=self._measured_duplicates)
+
+    def _measured_duplicates(self) -> DuplicatesInfo:
+        with self._lock:
+            if self._duplicate_calibration is None:
+                from retrieval.duplicate_threshold import calibrate_threshold
+
+                self._duplicate_calibration = calibrate_threshold(self.store, self.encoder).info()
+        return self._duplicate_calibration
 
     def answer_vectors(self, queries: Sequence[str], q: QueryVectors, opts: Options) -> list[Answer]:
         """Answers for embedded queries (one index search for the whole batch, and one in the

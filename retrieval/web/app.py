@@ -25,7 +25,6 @@ from retrieval.batcher import Batcher
 from retrieval.duplicates import DuplicateReport, report
 from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
-from retrieval.pixel_match import stored_thumbnails
 from retrieval.service import Options, Service
 from retrieval.web.mapplot import MapPlot
 from retrieval.web.server import DEFAULT_INDEX
@@ -279,13 +278,11 @@ class WebApp:
                 self.map_image, inputs=position, outputs=plot, api_visibility="private")
 
     def _duplicates_tab(self) -> None:
-        stored = self.service.store.manifest.duplicates
-        if stored is None:
-            calibrated = "calibrated"
-        elif stored.pixel_threshold is not None and stored_thumbnails(self.service.store) is not None:
-            calibrated = f"the calibrated {stored.candidate_threshold:.4f}, then pixels {stored.pixel_threshold:.4f}"
-        else:
-            calibrated = f"the calibrated {stored.threshold:.4f}"
+        calibrated = "calibrated"
+        if self.service.store.manifest.duplicates is not None:  # else measured on the first scan, not now
+            chosen = self.service.duplicate_threshold()
+            pixels = "" if chosen.pixels is None else f", then pixels {chosen.pixels:.4f}"
+            calibrated = f"the calibrated {chosen.similarity:.4f}{pixels}"
         gr.Markdown(DUPLICATES_DOC)
         with gr.Row():
             # A text box, not a number box: an empty number box sends 0, which would group everything.

@@ -462,7 +462,8 @@ def test_query_folds_hits_that_duplicate_a_better_hit(dup_index: Path, dup_folde
     assert f"id:{other['id']}" in text.splitlines()[1]
 
 
-def test_an_index_without_a_stored_threshold_is_calibrated_on_demand(dup_index: Path, tmp_path: Path) -> None:
+def test_an_index_without_a_stored_threshold_is_calibrated_on_demand(dup_index: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "idx"
     shutil.copytree(dup_index, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -475,6 +476,17 @@ def test_an_index_without_a_stored_threshold_is_calibrated_on_demand(dup_index: 
     assert report["threshold"] == pytest.approx(stored["candidate_threshold"], abs=1e-4)
     assert report["pixel_threshold"] == pytest.approx(stored["pixel_threshold"], abs=1e-5)
     assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # nothing cached in the folder
+    # A serving process measures it once, whatever thresholds its requests give.
+    from retrieval import duplicate_threshold
+    from retrieval.service import Service
+
+    measured = []
+    real = duplicate_threshold.calibrate_threshold
+    monkeypatch.setattr(duplicate_threshold, "calibrate_threshold", lambda *a, **kw: measured.append(1) or real(*a, **kw))
+    service = Service.open(copy, device="cpu")
+    first, given = service.duplicate_threshold(), service.duplicate_threshold(0.5)
+    assert service.duplicate_threshold(0.5, 0.9).source == "given" and service.duplicate_threshold() == first
+    assert (given.similarity, given.pixels) == (0.5, first.pixels) and len(measured) == 1
 
 
 def test_an_index_without_thumbnails_falls_back_to_the_embedding_and_says_so(dup_index: Path, dup_folder,  # noqa: ANN001
