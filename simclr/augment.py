@@ -38,6 +38,10 @@ class AugmentConfig:
         blur_p: probability of a Gaussian blur (SimCLR on ImageNet: 0.5; 0 disables it).
         blur_sigma: range of the blur's standard deviation, in pixels at 224 px,
             scaled to ``size``.
+        rotation: the crop turns by an angle drawn uniformly from [-rotation, rotation]
+            degrees about its centre (0: never; 180: any angle), for collections whose
+            subjects have no upright (parts on a belt, cells, aerial views). What the turned
+            crop takes from beyond the image's edge repeats the edge.
     """
 
     size: int = 32
@@ -49,6 +53,7 @@ class AugmentConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
@@ -62,6 +67,8 @@ class AugmentConfig:
                 raise SimCLRError(f"{name} must lie in [0, 1], got {p}")
         if self.jitter_strength < 0:
             raise SimCLRError(f"jitter strength must be >= 0, got {self.jitter_strength}")
+        if not 0 <= self.rotation <= 180:
+            raise SimCLRError(f"rotation must lie in [0, 180] degrees, got {self.rotation}")
         if self.size < 8:
             raise SimCLRError(f"image size must be at least 8 pixels, got {self.size}")
 
@@ -85,7 +92,8 @@ def gray(x: torch.Tensor) -> torch.Tensor:
 def crop_params(
     n: int, height: int, width: int, cfg: AugmentConfig, g: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """Affine matrices (n, 2, 3) for random resized crops with random horizontal flips.
+    """Affine matrices (n, 2, 3) for random resized crops with random horizontal flips
+    (and random rotations when ``cfg.rotation`` is set), in ``affine_grid``'s coordinates.
 
     As torchvision's ``RandomResizedCrop``: up to 10 tries of (area, log-ratio) per sample,
     the first that fits wins, and a centre crop of the clamped ratio otherwise.
@@ -117,7 +125,26 @@ def crop_params(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
+    if cfg.rotation > 0:
+        theta = rotated(theta, _uniform(n, -cfg.rotation, cfg.rotation, g, device), height, width)
     return theta
+
+
+def rotated(theta: torch.Tensor, degrees: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The crops of ``theta`` (n, 2, 3) turned by ``degrees`` (n,) about their centres.
+
+    ``affine_grid`` measures x in half-widths and y in half-heights; the rotation is made in
+    pixels (scale to pixels, rotate, scale back) so that a turned crop of a non-square image
+    keeps its shape. Positive angles turn the content counter-clockwise, as torchvision's
+    ``rotate``.
+    """
+    a = torch.deg2rad(degrees)
+    cos, sin = a.cos(), a.sin()
+    # Sampling positions turn by -angle so that the picture turns by +angle (y points down).
+    rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (n, 2, 2)
+    to_px = torch.tensor([width / 2, height / 2], device=theta.device)
+    linear = (rot * to_px[None, None, :] / to_px[None, :, None]) @ theta[:, :, :2]
+    return torch.cat([linear, theta[:, :, 2:]], 2)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:

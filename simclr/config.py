@@ -103,6 +103,7 @@ class TrainConfig:
     jitter_strength: float | None = None  # None: by kind of data (PROFILES)
     grayscale_p: float = 0.2
     blur_p: float | None = None
+    rotation: float = 0.0  # degrees either way (0: upright collections; 180: no upright at all)
     # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
     whiten: bool = True
     whiten_shrinkage: float = DEFAULT_SHRINKAGE
@@ -202,6 +203,7 @@ class TrainConfig:
             jitter_strength=SMALL_IMAGE_AUGMENT["jitter_strength"] if self.jitter_strength is None else self.jitter_strength,
             grayscale_p=self.grayscale_p if channels > 1 else 0.0,
             blur_p=SMALL_IMAGE_AUGMENT["blur_p"] if self.blur_p is None else self.blur_p,
+            rotation=self.rotation,
         )
 
     def conflicts(self, other: "TrainConfig", only: set[str] | None = None) -> list[str]:

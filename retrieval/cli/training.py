@@ -49,6 +49,7 @@ def train(
     jitter_p: Annotated[Optional[float], typer.Option(help="Colour-jitter probability.")] = None,
     grayscale_p: Annotated[Optional[float], typer.Option(help="Random-grayscale probability (colour data).")] = None,
     blur_p: Annotated[Optional[float], typer.Option(help="Gaussian-blur probability.")] = None,
+    rotation: Annotated[Optional[float], typer.Option(help="Turn each view by up to this many degrees either way (0 to 180; for subjects with no upright, such as parts on a belt).")] = None,
     whiten: Annotated[Optional[bool], typer.Option("--whiten/--no-whiten", help="PCA-whiten the encoder's features (fit on training images).")] = None,
     whiten_shrinkage: Annotated[Optional[float], typer.Option(help="Whitening shrinkage, a fraction of the largest eigenvalue.")] = None,
     loader: Annotated[Optional[str], typer.Option(help="auto (folders in memory when they fit --memory-budget-gb, streamed from disk otherwise), memory or stream.")] = None,

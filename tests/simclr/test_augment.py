@@ -3,7 +3,11 @@ import colorsys
 import pytest
 import torch
 
-from simclr.augment import AugmentConfig, BatchAugment, crop_params, hsv_to_rgb, rgb_to_hsv
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import rotate
+
+from simclr.augment import AugmentConfig, BatchAugment, crop_params, hsv_to_rgb, rgb_to_hsv, rotated
 from simclr.errors import SimCLRError
 
 
@@ -78,7 +82,39 @@ def test_grayscale_probability_one_gives_equal_channels() -> None:
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
 
 
-@pytest.mark.parametrize("bad", [dict(crop_scale=(0.5, 0.2)), dict(jitter_p=1.5), dict(size=4), dict(jitter_strength=-1)])
+@pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("degrees", [30.0, -75.0, 180.0])
+def test_rotation_matches_torchvision(height: int, width: int, degrees: float) -> None:
+    # The whole image turned about its centre, against torchvision's rotate of the same
+    # image; compared inside the largest centred disc, where neither reads beyond the edge.
+    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)  # smooth: interpolation matters less
+    theta = rotated(torch.eye(2, 3)[None], torch.tensor([degrees]), height, width)
+    ours = F.grid_sample(x, F.affine_grid(theta, [1, 3, height, width], align_corners=False),
+                         mode="bilinear", padding_mode="border", align_corners=False)
+    ref = rotate(x, degrees, interpolation=InterpolationMode.BILINEAR)
+    yy, xx = torch.meshgrid(torch.arange(height) - (height - 1) / 2, torch.arange(width) - (width - 1) / 2, indexing="ij")
+    inside = (yy**2 + xx**2).sqrt() < min(height, width) / 2 - 2
+    assert (ours - ref)[..., inside].abs().max() < 1e-4
+    assert (ours - x)[..., inside].abs().mean() > 0.02  # it did turn
+
+
+def test_rotation_is_off_by_default_and_drawn_per_sample() -> None:
+    x = _images(16)
+    plain = AugmentConfig(size=24)
+    assert torch.equal(_augment(plain)(x, torch.Generator().manual_seed(3)),
+                       _augment(AugmentConfig(size=24, rotation=0.0))(x, torch.Generator().manual_seed(3)))
+    theta = crop_params(4096, 28, 28, AugmentConfig(rotation=90.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    angle = torch.rad2deg(torch.atan2(-theta[:, 0, 1], theta[:, 1, 1]))  # column 1 is h * (-sin, cos)
+    assert angle.min() > -90.5 and angle.max() < 90.5 and angle.std() > 45  # uniform on [-90, 90]: std 52
+    # The same crops as without rotation (its angles are drawn last), each turned: same area, same centre.
+    plain = crop_params(4096, 28, 28, AugmentConfig(), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.allclose(torch.linalg.det(theta[:, :, :2]), torch.linalg.det(plain[:, :, :2]), atol=1e-6)
+    assert torch.equal(theta[:, :, 2], plain[:, :, 2])
+
+
+@pytest.mark.parametrize("bad", [dict(crop_scale=(0.5, 0.2)), dict(jitter_p=1.5), dict(size=4), dict(jitter_strength=-1),
+                                 dict(rotation=200), dict(rotation=-1)])
 def test_bad_config_is_refused(bad: dict) -> None:
     with pytest.raises(SimCLRError):
         AugmentConfig(**bad)
