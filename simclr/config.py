@@ -104,6 +104,13 @@ class TrainConfig:
     grayscale_p: float = 0.2
     blur_p: float | None = None
     rotation: float = 0.0  # degrees either way (0: upright collections; 180: no upright at all)
+    # Multi-crop (SwAV, arXiv 2006.09882): this many small crops of each image beside its two
+    # full views, at small_crop_size pixels (None: half the training size) and covering
+    # small_crop_min to small_crop_max of the image; each view's positives are the others.
+    small_crops: int = 0
+    small_crop_size: int | None = None
+    small_crop_min: float = 0.05
+    small_crop_max: float = 0.3
     # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
     whiten: bool = True
     whiten_shrinkage: float = DEFAULT_SHRINKAGE
@@ -191,12 +198,18 @@ class TrainConfig:
         need(self.log_every >= 1, f"log-every must be >= 1, got {self.log_every}")
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
+        need(self.small_crops >= 0, f"small crops must be >= 0, got {self.small_crops}")
+        need(self.small_crop_size is None or self.small_crop_size >= 8,
+             f"small crop size must be at least 8 pixels, got {self.small_crop_size}")
         self.augment_config(1)  # checks the augmentation ranges
+        self.augment_config(1, small=True)
 
-    def augment_config(self, channels: int) -> AugmentConfig:
+    def augment_config(self, channels: int, small: bool = False) -> AugmentConfig:
+        """The full views' augmentation, or with ``small`` the small crops' (multi-crop)."""
+        size = self.image_size or SMALL_IMAGE_SIZE
         return AugmentConfig(
-            size=self.image_size or SMALL_IMAGE_SIZE,
-            crop_scale=(self.crop_min, self.crop_max),
+            size=(self.small_crop_size or max(8, size // 2)) if small else size,
+            crop_scale=(self.small_crop_min, self.small_crop_max) if small else (self.crop_min, self.crop_max),
             flip_p=self.flip_p,
             jitter_p=self.jitter_p,
             # (before resolve fills them in, the small-image values stand in for checking)

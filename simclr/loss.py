@@ -19,6 +19,11 @@ class NTXentLoss(nn.Module):
     loss is the mean over this process's 2N views, so that DDP's gradient averaging gives
     the gradient of the mean over the global batch.
 
+    With more than two views of each image (multi-crop: two full views and several small
+    crops, as in SwAV, arXiv 2006.09882), every view is an anchor, its positives are the other
+    views of its image and its negatives the views of other images; its term is the mean over
+    its positives of -log(softmax over everything but itself), which for two views is NT-Xent.
+
     Args:
         temperature: tau > 0.
     """
@@ -29,10 +34,15 @@ class NTXentLoss(nn.Module):
             raise SimCLRError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """Loss of projections ``z1``, ``z2`` of shape (N, D): view 1 and view 2 of N images."""
-        if z1.shape != z2.shape or z1.dim() != 2:
-            raise SimCLRError(f"expected two (N, D) views of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+        """Loss of projections ``z1``, ``z2`` (and any ``more``) of shape (N, D): view 1,
+        view 2, ... of N images."""
+        views = (z1, z2, *more)
+        if any(z.shape != z1.shape for z in views) or z1.dim() != 2:
+            shapes = " and ".join(str(tuple(z.shape)) for z in views)
+            raise SimCLRError(f"expected (N, D) views of one shape, got {shapes}")
+        if more:
+            return self._multi_view(views)
         n = z1.shape[0]
         z1 = F.normalize(z1.float(), dim=1)
         z2 = F.normalize(z2.float(), dim=1)
@@ -49,3 +59,25 @@ class NTXentLoss(nn.Module):
         rows = torch.arange(2 * n, device=z1.device)
         logits[rows, self_cols] = float("-inf")
         return F.cross_entropy(logits, pos_cols)
+
+    def _multi_view(self, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        n, v = views[0].shape[0], len(views)
+        local = [F.normalize(z.float(), dim=1) for z in views]
+        gathered = [dist.gather(z) for z in local]
+        total = gathered[0].shape[0]
+        keys = torch.cat(gathered, 0)  # view-major: column j is view j // total of image j % total
+        queries = torch.cat(local, 0)  # view-major: row r is view r // n of image offset + r % n
+        logits = queries @ keys.T / self.temperature
+        device = queries.device
+        image = (torch.arange(n, device=device) + dist.rank() * n).repeat(v)
+        view = torch.arange(v, device=device).repeat_interleave(n)
+        self_cols = view * total + image
+        rows = torch.arange(v * n, device=device)
+        logits[rows, self_cols] = float("-inf")
+        log_prob = logits.log_softmax(dim=1)
+        # The other v - 1 views of each row's image.
+        pos_cols = image[:, None] + total * torch.arange(v, device=device)[None, :]  # (v n, v)
+        pos = log_prob.gather(1, pos_cols)
+        pos = pos.masked_fill(pos_cols == self_cols[:, None], 0.0)
+        return -(pos.sum(1) / (v - 1)).mean()
+

@@ -184,12 +184,19 @@ def build_head(kind: str, in_dim: int, hidden_dim: int = 512, out_dim: int = 128
 
 
 class SimCLRModel(nn.Module):
-    """Backbone f(.) and projection head g(.): images (B, C, H, W) -> projections (B, out_dim)."""
+    """Backbone f(.) and projection head g(.): images (B, C, H, W) -> projections (B, out_dim).
+
+    Batches of other sizes (multi-crop's small crops) may follow the first: each goes through
+    the backbone on its own (one call per resolution, as DINO's multi-crop wrapper), and the
+    head projects them all at once, in order. One forward call keeps DDP to one pass a step.
+    """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+        if not more:
+            return self.head(self.backbone(x))
+        return self.head(torch.cat([self.backbone(t) for t in (x, *more)]))

@@ -165,6 +165,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = NTXentLoss(cfg.temperature)
         self.augment = BatchAugment(cfg.augment_config(channels), torch.tensor(mean), torch.tensor(std))
+        self.small_augment = (BatchAugment(cfg.augment_config(channels, small=True), torch.tensor(mean), torch.tensor(std))
+                              if cfg.small_crops else None)
         self.epoch = 0
         self.step = 0
         if self.state is not None:
@@ -253,15 +255,19 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One optimiser step on uint8 images (B, C, H, W); returns the loss (a 0-d tensor)."""
-        return self.step_on_views(torch.cat([self.augment(x, g), self.augment(x, g)]))
+        views = torch.cat([self.augment(x, g), self.augment(x, g)])
+        if self.small_augment is None:
+            return self.step_on_views(views)
+        return self.step_on_views(views, torch.cat([self.small_augment(x, g) for _ in range(self.cfg.small_crops)]))
 
-    def step_on_views(self, views: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on augmented views (2B, C, S, S): view 1 of B images, then view 2."""
-        views = views.contiguous(memory_format=torch.channels_last)
+    def step_on_views(self, views: torch.Tensor, small: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimiser step on augmented views (2B, C, S, S): view 1 of B images, then view 2;
+        with multi-crop, ``small`` holds the small crops (kB, C, s, s), crop 1 of the B images first."""
+        batches = [views] if small is None else [views, small]
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            z = self.forward(views)
-        z1, z2 = z.float().chunk(2)
-        loss = self.loss_fn(z1, z2)
+            z = self.forward(*batches)
+        loss = self.loss_fn(*z.float().chunk(2 + (0 if small is None else self.cfg.small_crops)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

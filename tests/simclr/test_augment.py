@@ -2,12 +2,18 @@ import colorsys
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import rotate
 
-from simclr.augment import AugmentConfig, BatchAugment, crop_params, hsv_to_rgb, rgb_to_hsv, rotated
+from simclr.augment import (
+    AugmentConfig,
+    BatchAugment,
+    crop_params,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    rotated,
+)
 from simclr.errors import SimCLRError
 
 

@@ -49,6 +49,36 @@ def test_gradient_matches_naive_loop() -> None:
     assert torch.allclose(ga, gb, atol=1e-5)
 
 
+def naive_multi_view(views: list[torch.Tensor], t: float) -> torch.Tensor:
+    """Every view an anchor; for each of its positives (the other views of its image) the
+    term -log(exp(s_pos / t) / sum over every other view of exp(s / t)), averaged over its
+    positives, then over anchors."""
+    z = [F.normalize(v, dim=1) for v in views]
+    n, nv = views[0].shape[0], len(views)
+    everything = [(a, i) for a in range(nv) for i in range(n)]
+    total = torch.zeros(())
+    for a, i in everything:
+        den = sum(torch.exp(z[a][i] @ z[b][j] / t) for b, j in everything if (b, j) != (a, i))
+        terms = [-torch.log(torch.exp(z[a][i] @ z[b][i] / t) / den) for b in range(nv) if b != a]
+        total = total + sum(terms) / len(terms)
+    return total / (nv * n)
+
+
+@pytest.mark.parametrize("nv", [3, 5])
+def test_multi_view_matches_naive_loop(nv: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(4, 5, generator=g, requires_grad=True) for _ in range(nv)]
+    ours, ref = NTXentLoss(0.2)(*views), naive_multi_view(views, 0.2)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(ours, views[2])[0], torch.autograd.grad(ref, views[2])[0], atol=1e-5)
+
+
+def test_multi_view_of_two_is_nt_xent() -> None:
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert torch.allclose(NTXentLoss(0.5)._multi_view((z1, z2)), NTXentLoss(0.5)(z1, z2), atol=1e-6)
+
+
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(SimCLRError, match="temperature"):
         NTXentLoss(0.0)
@@ -64,25 +94,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, out: str) -> None:
+def _worker(rank: int, world: int, port: int, xs: tuple[torch.Tensor, ...], weight: torch.Tensor, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    torch.save(_ddp_step(rank, world, x1, x2, weight), f"{out}/rank{rank}.pt")
+    torch.save(_ddp_step(rank, world, xs, weight), f"{out}/rank{rank}.pt")
     simclr_dist.shutdown()
 
 
-def _ddp_step(rank: int, world: int, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> dict:
+def _ddp_step(rank: int, world: int, xs: tuple[torch.Tensor, ...], weight: torch.Tensor) -> dict:
     """This rank's loss (averaged over ranks) and gradient. The DDP wrapper is unreferenced
     once this returns, so that ``shutdown`` collects it before destroying the group (one
     left alive aborted the process at exit in about 1 run in 3)."""
-    model = torch.nn.Linear(x1.shape[1], weight.shape[0], bias=False)
+    model = torch.nn.Linear(xs[0].shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         model.weight.copy_(weight)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    n = x1.shape[0] // world
+    n = xs[0].shape[0] // world
     part = slice(rank * n, (rank + 1) * n)
-    loss = NTXentLoss(0.5)(ddp(x1[part]), ddp(x2[part]))
+    loss = NTXentLoss(0.5)(*(ddp(x[part]) for x in xs))
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
@@ -90,17 +120,18 @@ def _ddp_step(rank: int, world: int, x1: torch.Tensor, x2: torch.Tensor, weight:
     return {"loss": mean_loss, "grad": model.weight.grad.clone()}
 
 
-def test_two_processes_match_one_process_on_the_joined_batch() -> None:
+@pytest.mark.parametrize("views", [2, 4])
+def test_two_processes_match_one_process_on_the_joined_batch(views: int) -> None:
     g = torch.Generator().manual_seed(3)
-    x1, x2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    xs = tuple(torch.randn(8, 6, generator=g) for _ in range(views))
     weight = torch.randn(4, 6, generator=g)
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), x1, x2, weight, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, _free_port(), xs, weight, out), nprocs=2, join=True)
         results = [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
     model = torch.nn.Linear(6, 4, bias=False)
     with torch.no_grad():
         model.weight.copy_(weight)
-    loss = NTXentLoss(0.5)(model(x1), model(x2))
+    loss = NTXentLoss(0.5)(*(model(x) for x in xs))
     loss.backward()
     for r in results:
         assert r["loss"].item() == pytest.approx(loss.item(), abs=1e-5)

@@ -163,6 +163,32 @@ def test_a_bf16_step_on_the_cpu_matches_fp32(image_folder: Path, tmp_path: Path)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.8
 
 
+def test_a_multi_crop_step_feeds_small_crops_beside_the_full_views(image_folder: Path, tmp_path: Path) -> None:
+    """``small_crops=3``: the backbone sees the two full views of the batch at the training
+    size, then 3 small crops of each image at half that size, in one forward; the loss gets
+    5 views of the batch, and without small crops the step is unchanged (2 views, 1 pass)."""
+    for crops in (0, 3):
+        trainer = Trainer(_cfg(image_folder, tmp_path / str(crops), small_crops=crops, device="cpu"))
+        shapes: list[tuple[int, ...]] = []
+        seen: list[tuple[int, ...]] = []
+        trainer.model.backbone.register_forward_hook(lambda m, args, out, shapes=shapes: shapes.append(tuple(args[0].shape)))
+        trainer.loss_fn = lambda *views, seen=seen, loss_fn=trainer.loss_fn: seen.extend(tuple(v.shape) for v in views) or loss_fn(*views)
+        loss = trainer.train_step(trainer.images[:16], torch.Generator().manual_seed(0))
+        assert math.isfinite(loss.item())
+        c = trainer.images.shape[1]
+        assert shapes == [(32, c, 16, 16)] + ([(48, c, 8, 8)] if crops else [])
+        assert seen == [(16, 16)] * (2 + crops)
+
+
+def test_multi_crop_options_are_checked() -> None:
+    assert TrainConfig(image_size=40).augment_config(3, small=True).size == 20
+    assert TrainConfig(small_crop_size=12).augment_config(3, small=True).size == 12
+    with pytest.raises(SimCLRError, match="small crops must be >= 0"):
+        TrainConfig(small_crops=-1).validate()
+    with pytest.raises(SimCLRError, match="crop scale"):
+        TrainConfig(small_crop_min=0.5, small_crop_max=0.2).validate()
+
+
 # ----------------------------------------------------------------------------- some classes only
 
 def test_only_classes_keeps_the_images_of_those_classes(image_folder: Path) -> None:
