@@ -305,6 +305,7 @@ class Trainer:
         # start-up) are not timed for the plan.
         budget_start = time.perf_counter()
         timed_from, timed_step = None, 0
+        start_step = self.step
         replan_at: list[int] = []
         train_seconds = 0.0
 
@@ -328,7 +329,7 @@ class Trainer:
                 self.step += 1
                 if cfg.minutes is not None and (not self.planned or replan_at):
                     now = time.perf_counter()
-                    if timed_from is None and self.step - first - epoch * spe >= PROBE_SKIP:
+                    if timed_from is None and self.step - start_step >= PROBE_SKIP:
                         timed_from, timed_step = now, self.step
                     elif timed_from is not None and (
                         self.step == replan_at[0] if replan_at

@@ -153,6 +153,26 @@ def test_the_time_budget_plans_its_steps_from_the_first_ones(
     assert resumed.total_steps == 30 and resumed.step == 30
 
 
+def test_a_time_budget_ends_when_an_epoch_is_one_step(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """48 images at batch 48 (a folder of a few hundred images at the default batch is the
+    same): the first steps are timed across epochs, and the run ends on time."""
+    clock = _Clock(step=0.5)
+    monkeypatch.setattr(train_module.time, "perf_counter", clock)
+    real_step = Trainer.train_step
+
+    def timed_step(self: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        clock.now += clock.step
+        if self.step > 100:
+            raise AssertionError("the budget was never planned")
+        return real_step(self, x, g)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    trainer = Trainer(_cfg(image_folder, tmp_path, epochs=None, minutes=0.25, batch_size=48))
+    assert trainer.steps_per_epoch == 1
+    result = trainer.fit()
+    assert result.steps == result.epochs == 30 and result.train_seconds == pytest.approx(15.0)
+
+
 def test_a_run_that_slows_down_still_ends_on_time(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps take 0.5 s, then 1 s from the eleventh on: planned at 30 steps from the first
     ones, the run would take 25 s of a 15 s budget; the re-checks shorten it."""
