@@ -138,16 +138,17 @@ def _slug(name: str) -> str:
 
 def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: str = "fashion-mnist:test",
                       encoder: str | Path | None = None, k: int = DEFAULT_K, shrinkage: float = DEFAULT_SHRINKAGE,
-                      work: str | Path | None = None, epochs: int = STRICT_EPOCHS, train_options: dict | None = None,
+                      work: str | Path | None = None, epochs: int | None = None, train_options: dict | None = None,
                       device: str = "auto", progress: bool = True, score: str = "index",
-                      only: list[str] | None = None) -> ProtocolResult:
+                      only: list[str] | None = None, minutes: float | None = None) -> ProtocolResult:
     """Run one protocol (see the module docstring).
 
     Args:
         encoder: the shared encoder (``shared-encoder``, ``transductive``).
         work: where ``strict`` trains its per-class encoders (one folder per class; a class whose
             encoder is already there is not trained again, so an interrupted run continues).
-        epochs: ``strict``'s training budget per class.
+        epochs: ``strict``'s training budget per class (default :data:`STRICT_EPOCHS`).
+        minutes: ``strict``'s budget per class as a time instead (``retrieval train --minutes``).
         train_options: further :class:`simclr.config.TrainConfig` fields for ``strict``.
         score: ``index`` (the anomaly space) or ``cosine`` (the old score, for comparison).
         only: evaluate these classes alone (each still against all other test images).
@@ -164,8 +165,13 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
     if protocol == "strict":
         if work is None:
             raise RetrievalError("the strict protocol trains an encoder per class: give --work FOLDER for them")
+        if epochs is not None and minutes is not None:
+            raise RetrievalError(f"--epochs {epochs} and --minutes {minutes} both set: give one budget per class")
+        if minutes is not None and not minutes > 0:
+            raise RetrievalError(f"--minutes must be positive, got {minutes}")
     elif encoder is None:
         raise RetrievalError(f"the {protocol} protocol needs --encoder (one encoder trained on the whole collection)")
+    budget = {"minutes": minutes} if minutes is not None else {"epochs": STRICT_EPOCHS if epochs is None else epochs}
     dev = pick_device(device)
     result = ProtocolResult(protocol, k, shrinkage, score)
     shared = Encoder.load(encoder, dev) if encoder is not None and protocol != "strict" else None
@@ -192,7 +198,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         start = time.perf_counter()
         in_class = (train_data.labels == c).numpy()
         if protocol == "strict":
-            enc = _train_one_class(train, name, int(in_class.sum()), Path(work) / _slug(name), epochs, train_options or {},
+            enc = _train_one_class(train, name, int(in_class.sum()), Path(work) / _slug(name), budget, train_options or {},
                                    device, progress)
             gallery, queries = _features(enc, _subset(train_data, in_class)), _features(enc, test_data)
         else:
@@ -214,16 +220,17 @@ def _subset(data: ImageData, mask: np.ndarray) -> ImageData:
     return ImageData(data.images[keep], data.labels[keep], data.classes, [data.refs[i] for i in keep.tolist()], data.source)
 
 
-def _train_one_class(source: str, name: str, count: int, out: Path, epochs: int, options: dict, device: str,
+def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict, options: dict, device: str,
                      progress: bool) -> Encoder:
-    """The encoder trained on one class of ``count`` images (reused when a run is already in
-    ``out``); the batch is capped at the class's size."""
+    """The encoder trained on one class of ``count`` images for ``budget`` (``{"epochs": E}`` or
+    ``{"minutes": M}``), reused when a run is already in ``out``; the batch is capped at the
+    class's size."""
     from simclr.config import PROFILES, TrainConfig
     from simclr.train import CHECKPOINT, train
 
     done = (out / ENCODER_FILE).is_file() and (out / CHECKPOINT).is_file()
     batch = options.get("batch_size") or min(PROFILES[pick_device(device).type]["batch_size"], max(2, count))
     cfg = TrainConfig.from_dict({"knn_every": 0, "progress": progress, **options, "batch_size": batch, "data": source,
-                                 "classes": [name], "out": str(out), "epochs": epochs, "device": device})
-    result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", "epochs", "batch_size"} if done else None)
+                                 "classes": [name], "out": str(out), **budget, "device": device})
+    result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", "batch_size", *budget} if done else None)
     return Encoder.load(result.encoder, pick_device(device))

@@ -149,7 +149,8 @@ def anomaly_eval(
     train: Annotated[str, typer.Option(help="Labelled source whose classes are the normal sets.")] = "fashion-mnist:train",
     test: Annotated[str, typer.Option(help="Labelled query source.")] = "fashion-mnist:test",
     work: Annotated[Optional[Path], typer.Option(help="strict: folder for the per-class encoders (an interrupted run continues).")] = None,
-    epochs: Annotated[int, typer.Option(help="strict: training epochs per class.")] = STRICT_EPOCHS,
+    epochs: Annotated[Optional[int], typer.Option(help=f"strict: training epochs per class (default {STRICT_EPOCHS} unless --minutes).")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="strict: a time budget per class instead of --epochs, as retrieval train's --minutes.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
@@ -161,7 +162,7 @@ def anomaly_eval(
     per-class and mean AUROC with the seconds each class took."""
     from retrieval.anomaly_eval import evaluate_protocol
 
-    result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs, device=device,
+    result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs, minutes=minutes, device=device,
                                progress=not as_json, score=score, only=only)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

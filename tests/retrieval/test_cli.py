@@ -213,6 +213,24 @@ def test_the_strict_protocol_runs_end_to_end(image_folder: Path, tmp_path: Path)
     assert Encoder.load(tmp_path / "w" / "bars" / "encoder.pt").spec.train_config["classes"] == ["bars"]
 
 
+def test_the_strict_protocol_takes_a_time_budget_per_class(image_folder: Path, tmp_path: Path) -> None:
+    args = ("anomaly-eval", "--protocol", "strict", "--train", image_folder, "--test", image_folder, "--work", tmp_path / "w",
+            "-k", 3, "--device", "cpu", "--class", "bars", "--json")
+    r = run(*args, "--minutes", 0.05)
+    assert r.exit_code == 0, r.output
+    assert list(json.loads(r.output[r.output.index("{"):])["per_class"]) == ["bars"]
+    from simclr.encoder import Encoder
+
+    encoder = tmp_path / "w" / "bars" / "encoder.pt"
+    config = Encoder.load(encoder).spec.train_config
+    assert config["minutes"] == 0.05 and config["epochs"] is None and config["classes"] == ["bars"]
+    # Run again: the finished encoder is reused, not trained again.
+    stamp = encoder.stat().st_mtime_ns
+    assert run(*args, "--minutes", 0.05).exit_code == 0 and encoder.stat().st_mtime_ns == stamp
+    r = run(*args, "--minutes", 1, "--epochs", 2)
+    assert r.exit_code == 1 and "--epochs 2 and --minutes 1.0 both set" in r.output
+
+
 def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--train", image_folder, "--test", image_folder)
     assert r.exit_code == 1 and "needs --encoder" in r.output
