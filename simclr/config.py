@@ -21,7 +21,7 @@ from simclr.whitening import DEFAULT_SHRINKAGE
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
-     "whiten", "whiten_shrinkage", "loader", "memory_budget_gb", "loader_workers"}
+     "whiten", "whiten_shrinkage", "loader", "memory_budget_gb", "loader_workers", "save_minutes"}
 )
 # Options that older versions wrote into checkpoints and no longer exist; loading such a
 # configuration drops them. (``workers``: the trainer never used it; streaming has ``loader_workers``.)
@@ -130,6 +130,10 @@ class TrainConfig:
     knn_temperature: float = KNN_TEMPERATURE
     knn_max_gallery: int = 60000
     log_every: int = 20
+    # An epoch's end writes the checkpoint and encoder file (and fits the whitening for it) when
+    # this many minutes have passed since the last write; the run's end always writes. 0: every
+    # epoch. (A small collection's epochs last seconds: writing each one took 30% of a budget.)
+    save_minutes: float = 1.0
     progress: bool = True
 
     @classmethod
@@ -196,6 +200,7 @@ class TrainConfig:
         need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
         need(self.knn_temperature > 0, f"knn temperature must be positive, got {self.knn_temperature}")
         need(self.log_every >= 1, f"log-every must be >= 1, got {self.log_every}")
+        need(self.save_minutes >= 0, f"save-minutes must be >= 0, got {self.save_minutes}")
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
         need(self.small_crops >= 0, f"small crops must be >= 0, got {self.small_crops}")

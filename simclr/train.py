@@ -308,6 +308,7 @@ class Trainer:
         start_step = self.step
         replan_at: list[int] = []
         train_seconds = 0.0
+        last_save = time.perf_counter()
 
         def stop_step() -> int:
             return min(self.total_steps, until_epoch * spe) if until_epoch else self.total_steps
@@ -373,24 +374,32 @@ class Trainer:
             self.epoch = self.step // spe
             finished = self.step >= self.total_steps
             save_start = time.perf_counter()
+            knn_due = bool(cfg.knn_every) and (finished or (self.step % spe == 0 and self.epoch % cfg.knn_every == 0))
+            # (rank 0's clock decides, so that every process writes, or skips, together)
+            save_due = finished or self.step >= stop_step() or bool(dist.broadcast_int(
+                int(save_start - last_save >= 60 * cfg.save_minutes), device))
             # A time budget may end inside an epoch: its record says how far (e.g. 2.6).
             done = self.epoch if self.step % spe == 0 else round(self.step / spe, 3)
             record = {"kind": "epoch", "epoch": done, "step": self.step, "loss": epoch_loss,
                       "epoch_seconds": epoch_time, "views_per_s": epoch_steps * views_per_step / epoch_time}
             if self.source.skipped:
                 record["skipped_files"] = self.source.skipped
-            encoder = self.encoder() if dist.is_main() else None  # with its whitening, fit once an epoch
-            if cfg.knn_every and (finished or (self.step % spe == 0 and self.epoch % cfg.knn_every == 0)):
+            # With its whitening, fit once for the save and the monitor.
+            encoder = self.encoder() if dist.is_main() and (save_due or knn_due) else None
+            if knn_due:
                 knn = self.knn_monitor(encoder)
                 if knn is not None:
                     knn_top1 = knn[0]
                     record.update(knn_top1=knn[0], knn_top5=knn[1])
                     if progress is not None:
                         progress.write(f"epoch {self.epoch}: loss {epoch_loss:.4f}, kNN top-1 {100 * knn[0]:.2f}%")
-            self.save(record, encoder)
+            if save_due:
+                self.save(record, encoder)
+                last_save = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.write(**record)
-                self.metrics.plot(cfg.out_dir / CURVES)
+                if save_due:
+                    self.metrics.plot(cfg.out_dir / CURVES)
             if not finished:  # saves inside the run count against a time budget; the last one does not
                 train_seconds += time.perf_counter() - save_start
                 self.shorten_budget(time.perf_counter() - save_start)

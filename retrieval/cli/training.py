@@ -68,6 +68,7 @@ def train(
     knn_k: Annotated[Optional[int], typer.Option(help="Neighbours of the kNN monitor.")] = None,
     knn_temperature: Annotated[Optional[float], typer.Option(help="Temperature of the kNN monitor.")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log loss, learning rate and throughput every N steps.")] = None,
+    save_minutes: Annotated[Optional[float], typer.Option(help="Write the checkpoint and encoder at an epoch's end once this many minutes have passed since the last write (0: every epoch); the run's end always writes.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar.")] = None,
 ) -> None:
     """Train a SimCLR encoder without labels (also under torchrun for several GPUs). Options left

@@ -69,6 +69,21 @@ def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_fol
     assert torch.allclose(feats.norm(dim=1), torch.ones(48), atol=1e-4)
 
 
+def test_epochs_write_files_when_a_save_is_due(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every epoch writes with save_minutes 0; with an hour, only the run's end does (a small
+    collection's epochs last seconds). The weights are the same either way."""
+    written: list[int] = []
+    real_save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, *a, **kw: written.append(self.step) or real_save(self, *a, **kw))
+    every = train(_cfg(image_folder, tmp_path / "every", epochs=4, save_minutes=0.0))
+    assert written == [3, 6, 9, 12]
+    written.clear()
+    hourly = train(_cfg(image_folder, tmp_path / "hourly", epochs=4, save_minutes=60.0))
+    assert written == [12] and hourly.steps == every.steps == 12
+    a, b = _weights(every.checkpoint), _weights(hourly.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_knn_monitor_runs_on_folder_holdout(image_folder: Path, tmp_path: Path) -> None:
     result = train(_cfg(image_folder, tmp_path, knn_every=1, knn_k=5))
     assert math.isfinite(result.final_loss)
