@@ -132,7 +132,7 @@ class TrainConfig:
     log_every: int = 20
     # An epoch's end writes the checkpoint and encoder file (and fits the whitening for it) when
     # this many minutes have passed since the last write; the run's end always writes. 0: every
-    # epoch. (A small collection's epochs last seconds: writing each one took 30% of a budget.)
+    # epoch. (A small collection's epochs last seconds: writing each one took 15% of a 10-minute budget.)
     save_minutes: float = 1.0
     progress: bool = True
 
