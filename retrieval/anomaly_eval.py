@@ -155,6 +155,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
 
     Raises:
         RetrievalError: an unknown protocol, a missing option, or a class with fewer images than k.
+        SimCLRError: a ``strict`` budget that training refuses (both ``epochs`` and ``minutes``, or either out of range).
     """
     if protocol not in PROTOCOLS:
         raise RetrievalError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -165,10 +166,9 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
     if protocol == "strict":
         if work is None:
             raise RetrievalError("the strict protocol trains an encoder per class: give --work FOLDER for them")
-        if epochs is not None and minutes is not None:
-            raise RetrievalError(f"--epochs {epochs} and --minutes {minutes} both set: give one budget per class")
-        if minutes is not None and not minutes > 0:
-            raise RetrievalError(f"--minutes must be positive, got {minutes}")
+        from simclr.config import TrainConfig
+
+        TrainConfig(epochs=epochs, minutes=minutes).validate()  # a wrong budget is told before any data loads
     elif encoder is None:
         raise RetrievalError(f"the {protocol} protocol needs --encoder (one encoder trained on the whole collection)")
     budget = {"minutes": minutes} if minutes is not None else {"epochs": STRICT_EPOCHS if epochs is None else epochs}

@@ -207,7 +207,10 @@ class TrainConfig:
         need(self.small_crop_size is None or self.small_crop_size >= 8,
              f"small crop size must be at least 8 pixels, got {self.small_crop_size}")
         self.augment_config(1)  # checks the augmentation ranges
-        self.augment_config(1, small=True)
+        try:
+            self.augment_config(1, small=True)
+        except SimCLRError as exc:
+            raise SimCLRError(f"small crops: {exc}") from None
 
     def augment_config(self, channels: int, small: bool = False) -> AugmentConfig:
         """The full views' augmentation, or with ``small`` the small crops' (multi-crop)."""

@@ -267,7 +267,7 @@ class Trainer:
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             z = self.forward(*batches)
-        loss = self.loss_fn(*z.float().chunk(2 + (0 if small is None else self.cfg.small_crops)))
+        loss = self.loss_fn(*z.float().split(views.shape[0] // 2))  # one (B, D) block a view
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
