@@ -7,8 +7,9 @@ gallery items); the figure is the AUROC per class and its mean. The protocols di
 saw the anomalies before the test:
 
 - ``strict`` (the literature's one-class protocol): for each class an encoder is trained by
-  the project's own trainer on that class's training images only, and the anomaly space is
-  fit on them. Nothing has seen another class.
+  the project's own trainer on that class's training images only (by default for as long as
+  ``retrieval train`` trains by default on the device), and the anomaly space is fit on them.
+  Nothing has seen another class.
 - ``shared-encoder``: one encoder trained on the whole collection (given with ``--encoder``),
   but everything fit for the index sees the class's training images only: the anomaly space,
   and for the old cosine score the whitening too (refit on the gallery), as an index of that
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 
 from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, AnomalySpace, auroc, knn_distance, mean_distance
 from retrieval.errors import RetrievalError
-from retrieval.options import STRICT_EPOCHS
 from simclr.data import ImageData, load_images
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
@@ -147,7 +147,9 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         encoder: the shared encoder (``shared-encoder``, ``transductive``).
         work: where ``strict`` trains its per-class encoders (one folder per class; a class whose
             encoder is already there is not trained again, so an interrupted run continues).
-        epochs: ``strict``'s training budget per class (default :data:`STRICT_EPOCHS`).
+        epochs: ``strict``'s training budget per class in epochs; with neither ``epochs`` nor
+            ``minutes``, each class trains as ``retrieval train`` would by default on the device
+            (10 minutes on a CPU, the full recipe on a GPU).
         minutes: ``strict``'s budget per class as a time instead (``retrieval train --minutes``).
         train_options: further :class:`simclr.config.TrainConfig` fields for ``strict``.
         score: ``index`` (the anomaly space) or ``cosine`` (the old score, for comparison).
@@ -171,7 +173,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         TrainConfig(epochs=epochs, minutes=minutes).validate()  # a wrong budget is told before any data loads
     elif encoder is None:
         raise RetrievalError(f"the {protocol} protocol needs --encoder (one encoder trained on the whole collection)")
-    budget = {"minutes": minutes} if minutes is not None else {"epochs": STRICT_EPOCHS if epochs is None else epochs}
+    budget = {"minutes": minutes} if minutes is not None else {"epochs": epochs} if epochs is not None else {}
     dev = pick_device(device)
     result = ProtocolResult(protocol, k, shrinkage, score)
     shared = Encoder.load(encoder, dev) if encoder is not None and protocol != "strict" else None
@@ -222,9 +224,9 @@ def _subset(data: ImageData, mask: np.ndarray) -> ImageData:
 
 def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict, options: dict, device: str,
                      progress: bool) -> Encoder:
-    """The encoder trained on one class of ``count`` images for ``budget`` (``{"epochs": E}`` or
-    ``{"minutes": M}``), reused when a run is already in ``out``; the batch is capped at the
-    class's size."""
+    """The encoder trained on one class of ``count`` images for ``budget`` (``{"epochs": E}``,
+    ``{"minutes": M}``, or ``{}``: the device's default), reused when a run is already in
+    ``out``; the batch is capped at the class's size."""
     from simclr.config import PROFILES, TrainConfig
     from simclr.train import CHECKPOINT, train
 

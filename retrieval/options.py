@@ -11,9 +11,6 @@ from retrieval.duplicates import DEFAULT_K as DUPLICATE_K
 from retrieval.errors import RetrievalError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
-STRICT_EPOCHS = 3  # the strict anomaly protocol's training budget per class (69 steps for 6,000 images)
-
-
 @dataclass
 class Options:
     """What to answer and with which parameters (the CLI's and the app's defaults are these)."""

@@ -111,6 +111,10 @@ class TrainConfig:
     small_crop_size: int | None = None
     small_crop_min: float = 0.05
     small_crop_max: float = 0.3
+    # Shifted negatives (CSI, arXiv 2007.08176): each image also enters the batch turned by 90,
+    # 180 and 270 degrees, each turn an image of its own, so the encoder learns what upright
+    # looks like (for anomaly scores on one-kind collections). A step costs four times as much.
+    rotation_negatives: bool = False
     # The encoder's PCA whitening, fit on training images at each save (simclr.whitening).
     whiten: bool = True
     whiten_shrinkage: float = DEFAULT_SHRINKAGE

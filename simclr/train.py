@@ -43,6 +43,7 @@ from simclr.training_data import (
 )
 
 log = logging.getLogger(__name__)
+TURNS = 4  # rotation negatives: 0, 90, 180 and 270 degrees
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -152,7 +153,8 @@ class Trainer:
             else:
                 log.warning("SyncBatchNorm needs CUDA; each process normalises its own batch")
         self.model = model.to(device, memory_format=torch.channels_last)
-        lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+        # The loss's batch: with rotation negatives each image enters it four times.
+        lr = scaled_lr(cfg.lr, cfg.batch_size * (TURNS if cfg.rotation_negatives else 1), cfg.lr_scaling)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         # A time budget fixes the step count once the first steps are timed (plan_budget);
@@ -255,6 +257,8 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One optimiser step on uint8 images (B, C, H, W); returns the loss (a 0-d tensor)."""
+        if self.cfg.rotation_negatives:
+            x = with_turns(x)
         views = torch.cat([self.augment(x, g), self.augment(x, g)])
         if self.small_augment is None:
             return self.step_on_views(views)
@@ -296,7 +300,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps if self.planned else None, initial=self.step, unit="step",
                             dynamic_ncols=True, desc="train")
-        views_per_step = 2 * cfg.batch_size
+        views_per_step = 2 * cfg.batch_size * (TURNS if cfg.rotation_negatives else 1)  # (full views)
         last = (self.state or {}).get("record", {})
         last_loss = last.get("loss", float("nan"))
         knn_top1 = last.get("knn_top1")
@@ -521,6 +525,13 @@ def _features(enc: Encoder, s: EvalSet, embed: bool = False, batch_size: int = 5
     if not feats:
         raise SimCLRError(f"{s.images.source}: none of the sampled images could be read")
     return torch.cat(feats), torch.cat(labels)
+
+
+def with_turns(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, S, S) followed by the same images turned by 90, 180 and 270 degrees: (4B, C, S, S)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise SimCLRError(f"rotation negatives need square images, got {x.shape[-2]} x {x.shape[-1]}")
+    return torch.cat([x.rot90(k, (2, 3)) for k in range(TURNS)])
 
 
 def train(cfg: TrainConfig, resume: bool = False, explicit: set[str] | None = None) -> TrainResult:

@@ -11,7 +11,6 @@ import typer
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import DEFAULT_SHRINKAGE as ANOMALY_SHRINKAGE
 from retrieval.cli.app import DeviceOpt, JsonOpt, app, echo_lines, handles_errors
-from retrieval.options import STRICT_EPOCHS
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
 
@@ -54,6 +53,7 @@ def train(
     small_crop_size: Annotated[Optional[int], typer.Option(help="Side of the small crops in pixels (default: half the training size).")] = None,
     small_crop_min: Annotated[Optional[float], typer.Option(help="Smallest small-crop area (fraction).")] = None,
     small_crop_max: Annotated[Optional[float], typer.Option(help="Largest small-crop area (fraction).")] = None,
+    rotation_negatives: Annotated[Optional[bool], typer.Option("--rotation-negatives/--no-rotation-negatives", help="Shifted negatives for anomaly scores on one-kind collections: each image also enters the batch turned by 90, 180 and 270 degrees as an image of its own (four times the work a step).")] = None,
     whiten: Annotated[Optional[bool], typer.Option("--whiten/--no-whiten", help="PCA-whiten the encoder's features (fit on training images).")] = None,
     whiten_shrinkage: Annotated[Optional[float], typer.Option(help="Whitening shrinkage, a fraction of the largest eigenvalue.")] = None,
     loader: Annotated[Optional[str], typer.Option(help="auto (folders in memory when they fit --memory-budget-gb, streamed from disk otherwise), memory or stream.")] = None,
@@ -150,7 +150,7 @@ def anomaly_eval(
     train: Annotated[str, typer.Option(help="Labelled source whose classes are the normal sets.")] = "fashion-mnist:train",
     test: Annotated[str, typer.Option(help="Labelled query source.")] = "fashion-mnist:test",
     work: Annotated[Optional[Path], typer.Option(help="strict: folder for the per-class encoders (an interrupted run continues).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=f"strict: training epochs per class (default {STRICT_EPOCHS} unless --minutes).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="strict: training epochs per class (default: what retrieval train does on the device, 10 minutes on a CPU).")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="strict: a time budget per class instead of --epochs, as retrieval train's --minutes.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,

@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from simclr.data import load_folder
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.errors import SimCLRError
 from simclr.models import SimCLRModel
-from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, train
+from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, train, with_turns
 from simclr.training_data import load_size, only_classes
 from tests.helpers import TINY
 from tests.helpers import Payload
@@ -193,6 +194,26 @@ def test_a_multi_crop_step_feeds_small_crops_beside_the_full_views(image_folder:
         c = trainer.images.shape[1]
         assert shapes == [(32, c, 16, 16)] + ([(48, c, 8, 8)] if crops else [])
         assert seen == [(16, 16)] * (2 + crops)
+
+
+def test_rotation_negatives_put_each_turn_of_an_image_in_the_batch_as_its_own_image(image_folder: Path, tmp_path: Path) -> None:
+    """``rotation_negatives``: the step on B images is the plain step on 4B images (the B
+    images, then each turned by 90, 180 and 270 degrees), so each turn is a negative of the others."""
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    turned = with_turns(images)
+    naive = [torch.from_numpy(np.rot90(img.numpy(), k, (1, 2)).copy()) for k in range(4) for img in images]
+    assert torch.equal(turned, torch.stack(naive))
+    with pytest.raises(SimCLRError, match="rotation negatives need square images, got 4 x 6"):
+        with_turns(torch.zeros(2, 3, 4, 6, dtype=torch.uint8))
+    losses, seen = [], []
+    for negatives in (True, False):
+        torch.manual_seed(0)
+        trainer = Trainer(_cfg(image_folder, tmp_path / str(negatives), rotation_negatives=negatives, device="cpu"))
+        trainer.loss_fn = lambda *views, loss_fn=trainer.loss_fn: seen.append(tuple(views[0].shape)) or loss_fn(*views)
+        x = trainer.images[:8]
+        losses.append(trainer.train_step(x if negatives else with_turns(x), torch.Generator().manual_seed(0)))
+    assert seen == [(32, 16), (32, 16)]
+    assert torch.equal(losses[0], losses[1])
 
 
 def test_multi_crop_options_are_checked() -> None:
