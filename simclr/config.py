@@ -208,6 +208,9 @@ class TrainConfig:
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
         need(self.small_crops >= 0, f"small crops must be >= 0, got {self.small_crops}")
+        need(not (self.rotation_negatives and abs(self.rotation) >= 45),
+             f"--rotation-negatives makes turned images negatives, --rotation {self.rotation:g} makes them positives: "
+             "give one (or a rotation under 45 degrees)")
         need(self.small_crop_size is None or self.small_crop_size >= 8,
              f"small crop size must be at least 8 pixels, got {self.small_crop_size}")
         self.augment_config(1)  # checks the augmentation ranges

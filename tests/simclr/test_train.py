@@ -205,6 +205,9 @@ def test_rotation_negatives_put_each_turn_of_an_image_in_the_batch_as_its_own_im
     assert torch.equal(turned, torch.stack(naive))
     with pytest.raises(SimCLRError, match="rotation negatives need square images, got 4 x 6"):
         with_turns(torch.zeros(2, 3, 4, 6, dtype=torch.uint8))
+    with pytest.raises(SimCLRError, match="--rotation 90 makes them positives: give one"):
+        TrainConfig(rotation_negatives=True, rotation=90).validate()
+    TrainConfig(rotation_negatives=True, rotation=10).validate()
     losses, seen = [], []
     for negatives in (True, False):
         torch.manual_seed(0)
