@@ -36,12 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from anomaly_study import OUT as STUDY_OUT  # noqa: E402
-from anomaly_study import l2_knn, shared_encoder_path, untrained_encoder  # noqa: E402
+from anomaly_study import l2_knn, shared_encoder_path, untrained_encoder, whiten  # noqa: E402
 from retrieval.anomaly import auroc  # noqa: E402
 from retrieval.anomaly_eval import _slug  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
-from simclr.whitening import fit_whitening  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "anomaly_layers"
 STRICT_DIRS = {"strict-m10": ROOT / "bench" / "out" / "strict-m10"}
@@ -114,8 +113,8 @@ def space(gal: dict[str, torch.Tensor], qry: dict[str, torch.Tensor], blocks: li
 
 def d_score(g: torch.Tensor, q: torch.Tensor) -> np.ndarray:
     """Variant d: mean L2 distance to the k nearest gallery rows after a whitening fit on the gallery."""
-    mean, matrix = fit_whitening(g, SHRINKAGE)
-    return l2_knn((q - mean) @ matrix, (g - mean) @ matrix)[K]
+    gw, qw = whiten(g, g, q, shrinkage=SHRINKAGE)
+    return l2_knn(qw, gw)[K]
 
 
 VARIANTS: dict[str, tuple[list[str], bool]] = {
@@ -165,10 +164,11 @@ def main() -> None:
                 log.info("%s %s: %s", which, name, {k: round(v, 2) for k, v in per_class[name].items()})
         else:
             which, _, folder = which.partition("=")
+            root = STRICT_DIRS.get(which, Path(folder))
             for c, name in enumerate(train.classes):
-                path = STRICT_DIRS.get(which, Path(folder)) / _slug(name) / "encoder.pt"
-                if which == "strict-e3":
-                    path = STUDY_OUT / "strict-e3" / str(c) / "encoder.pt"
+                # (bench/anomaly_study.py names its class folders by index)
+                path = STUDY_OUT / "strict-e3" / str(c) if which == "strict-e3" else root / _slug(name)
+                path = path / "encoder.pt"
                 if not path.exists():
                     log.info("%s %s: no encoder at %s", which, name, path)
                     continue

@@ -153,8 +153,10 @@ class Trainer:
             else:
                 log.warning("SyncBatchNorm needs CUDA; each process normalises its own batch")
         self.model = model.to(device, memory_format=torch.channels_last)
-        # The loss's batch: with rotation negatives each image enters it four times.
-        lr = scaled_lr(cfg.lr, cfg.batch_size * (TURNS if cfg.rotation_negatives else 1), cfg.lr_scaling)
+        # Copies of each image in the loss's batch (rotation negatives: one a turn); the learning
+        # rate scales with that batch.
+        self.turns = TURNS if cfg.rotation_negatives else 1
+        lr = scaled_lr(cfg.lr, cfg.batch_size * self.turns, cfg.lr_scaling)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         # A time budget fixes the step count once the first steps are timed (plan_budget);
@@ -300,7 +302,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps if self.planned else None, initial=self.step, unit="step",
                             dynamic_ncols=True, desc="train")
-        views_per_step = 2 * cfg.batch_size * (TURNS if cfg.rotation_negatives else 1)  # (full views)
+        views_per_step = 2 * cfg.batch_size * self.turns  # (full views)
         last = (self.state or {}).get("record", {})
         last_loss = last.get("loss", float("nan"))
         knn_top1 = last.get("knn_top1")
