@@ -4,12 +4,16 @@ command line's. Free of torch and of the models, so that ``retrieval --help`` st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from index.ann import DEFAULT_MEMORY_BUDGET
 from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE
 from retrieval.duplicates import DEFAULT_K as DUPLICATE_K
 from retrieval.errors import RetrievalError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
+
+DEFAULT_INDEX = Path("runs/fashion-mnist/index")  # where the README's demo writes its index
+
 
 @dataclass
 class Options:

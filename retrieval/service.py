@@ -39,7 +39,7 @@ from retrieval.duplicate_threshold import DuplicateThreshold
 from retrieval.duplicates import FOLD_DEPTH, fold_hits
 from retrieval.errors import RetrievalError
 from retrieval.info import IndexFacts, describe
-from retrieval.options import Options
+from retrieval.options import DEFAULT_INDEX, Options
 from retrieval.pixel_match import stored_thumbnails
 from retrieval.queries import Unreadable
 from simclr.device import pick_device
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 BATCH_SCAN_MIN_QUERIES = 8
 BATCH_SCAN_MIN_ITEMS = 20_000
 
-__all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "Prepared", "QueryVectors", "Service", "check_encoder"]
+__all__ = ["AnomalyScore", "Answer", "Hit", "Options", "Prediction", "Prepared", "QueryVectors", "Service", "check_encoder", "open_index"]
 
 
 @dataclass
@@ -404,6 +404,19 @@ class Service:
     def _default_percentile(self) -> float:
         cal = self.store.manifest.calibration
         return cal.percentile if cal is not None else DEFAULT_PERCENTILE
+
+
+def open_index(index_dir: str | Path | None, device: str = "auto") -> tuple[Path, Service | None, str]:
+    """The service for ``index_dir``, or for the demo's index when it is None: ``(path, service,
+    "")``. Only the demo's index may be missing or unreadable: then ``(path, None, why)``, so that
+    an entry point can show how to build it; a named index that cannot be opened raises."""
+    path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
+    try:
+        return path, Service.open(path, device=device), ""
+    except UserError as exc:
+        if index_dir is not None:
+            raise
+        return path, None, str(exc)
 
 
 def check_encoder(store: IndexStore, encoder: Encoder, force: bool = False) -> None:

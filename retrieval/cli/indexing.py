@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.options import IndexConfig
+from retrieval.options import DEFAULT_INDEX, IndexConfig
 from retrieval.cli.app import DeviceOpt, app, echo_lines, handles_errors
 
-DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 D = IndexConfig  # its field defaults are the options' defaults
 
 

@@ -25,9 +25,8 @@ from retrieval.batcher import Batcher
 from retrieval.duplicates import DuplicateReport, report
 from retrieval.embedding_map import MAP_POINTS, EmbeddingMap
 from retrieval.errors import RetrievalError
-from retrieval.service import Options, Service
+from retrieval.service import Options, Service, open_index
 from retrieval.web.mapplot import MapPlot
-from retrieval.web.server import DEFAULT_INDEX
 from retrieval.web.thumbnails import ItemImages
 
 log = logging.getLogger(__name__)
@@ -345,13 +344,9 @@ def no_index_app(path: Path, reason: str) -> gr.Blocks:
 def build_app(index_dir: str | Path | None = None, device: str = "auto") -> tuple[gr.Blocks, list[str]]:
     """The app for ``index_dir`` (default: the README demo's index), or a page saying how to build
     one; with the folders it may serve files from (its thumbnails)."""
-    path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
-    try:
-        service = Service.open(path, device=device)
-    except UserError as exc:
-        if index_dir is not None:
-            raise
-        return no_index_app(path, str(exc)), []
+    path, service, why = open_index(index_dir, device)
+    if service is None:
+        return no_index_app(path, why), []
     web = WebApp(service)
     return web.build(), [str(web.thumbnails)]
 

@@ -13,15 +13,13 @@ import logging
 import os
 from pathlib import Path
 
-from common.errors import UserError
 from retrieval.batcher import MAX_BATCH, Batcher
 from retrieval.errors import RetrievalError
-from retrieval.service import Service
+from retrieval.service import Service, open_index
 from retrieval.web.api import MAX_BODY, Access, api_app
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INDEX = Path("runs/fashion-mnist/index")
 TOKEN_ENV = "RETRIEVAL_TOKEN"
 
 
@@ -68,13 +66,11 @@ def serve(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: in
     if share and api_only:
         raise RetrievalError("--share shares the app's page; it cannot be used with --api-only")
     check_port(host, port)  # before the index loads: a port in use is told at once
-    path = Path(index_dir) if index_dir is not None else DEFAULT_INDEX
-    try:
-        service = Service.open(path, device=device)
-    except UserError as exc:
-        if index_dir is not None or api_only:
-            raise
-        _serve_how_to(path, str(exc), host, port, credentials, share)
+    path, service, why = open_index(index_dir, device)
+    if service is None:
+        if api_only:
+            raise RetrievalError(why)
+        _serve_how_to(path, why, host, port, credentials, share)
         return
     if share:  # Gradio's share link tunnels its own server: the app alone
         log.warning("--share: serving the app through Gradio's share link; the JSON API is not served")

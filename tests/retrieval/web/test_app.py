@@ -113,6 +113,23 @@ def test_blocks_build_and_the_empty_page(tiny_index: Path, tmp_path: Path) -> No
         parse_auth("nocolon")
 
 
+def test_only_the_demo_index_may_be_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.errors import UserError
+    from retrieval.options import DEFAULT_INDEX
+    from retrieval.service import open_index
+
+    monkeypatch.chdir(tmp_path)  # no runs/ here: the demo's index is missing
+    path, service, why = open_index(None, device="cpu")
+    assert path == DEFAULT_INDEX and service is None and str(DEFAULT_INDEX) in why
+    demo, allowed = build_app(None, device="cpu")  # the page that says how to build it
+    texts = [c.value for c in demo.blocks.values() if hasattr(c, "value") and isinstance(c.value, str)]
+    assert allowed == [] and any("bash scripts/demo.sh" in t for t in texts)
+    with pytest.raises(UserError, match="elsewhere"):  # a named index that is missing is an error
+        open_index(tmp_path / "elsewhere", device="cpu")
+    with pytest.raises(UserError, match="elsewhere"):
+        build_app(tmp_path / "elsewhere", device="cpu")
+
+
 def test_map_of_a_whitened_index_is_the_pca_of_unwhitened_vectors(tiny_index: Path, tmp_path: Path) -> None:
     import shutil
 
