@@ -7,12 +7,21 @@ training images, beside the same architecture untrained (its weights at step 0).
 
 A variant is NAME:OPTION=VALUE,... with TrainConfig's option names; the photo profile gives
 the rest. The full evaluation (every image, through the CLI) is bench/photo_quality.py's.
+
+``--snapshots 10,20`` also keeps the encoder file the run has written by those minutes of
+training (it is written once a minute, whitening included) and evaluates each the same way: a
+budget curve from one long run (mid-schedule weights, so each point is where the run stood,
+not a shorter run's end)::
+
+    python bench/photo_recipes.py --minutes 40 --snapshots 5,10,20,30 "w32-64px:image_size=64,width=32"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +30,7 @@ import torch
 from harness import write_report
 from simclr.config import TrainConfig
 from simclr.data import load_folder
-from simclr.encoder import embed_images
+from simclr.encoder import Encoder, embed_images
 from simclr.knn import knn_evaluate
 from simclr.train import Trainer
 
@@ -43,13 +52,34 @@ def knn(enc, gallery, queries) -> float:  # noqa: ANN001
     return round(100 * knn_evaluate(q, queries.labels, g, gallery.labels, len(gallery.classes), 200, 0.07).top1, 2)
 
 
+def keep_snapshots(out: Path, minutes: list[float], done: threading.Event) -> list[tuple[float, Path]]:
+    """Copy ``out/encoder.pt`` when each of ``minutes`` has passed (in a thread); the list fills as it goes."""
+    kept: list[tuple[float, Path]] = []
+
+    def run() -> None:
+        start = time.perf_counter()
+        for m in minutes:
+            if done.wait(max(0.0, 60 * m - (time.perf_counter() - start))):
+                return
+            src = out / "encoder.pt"
+            if src.exists():
+                dst = out / f"encoder-{m:g}min.pt"
+                shutil.copyfile(src, dst)
+                kept.append((m, dst))
+
+    threading.Thread(target=run, daemon=True).start()
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--data", default="bench/out/photos", type=Path)
     ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--snapshots", default="", help="comma-separated minutes at which to keep and evaluate the run's encoder")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    marks = [float(m) for m in args.snapshots.split(",") if m]
     sets: dict[int, tuple] = {}
     rows = []
     for text in args.variants:
@@ -64,13 +94,17 @@ def main() -> None:
             sets[size] = (pick(g, 4000), pick(q, 1000))
         gallery, queries = sets[size]
         untrained = knn(trainer.encoder(), gallery, queries)
+        done = threading.Event()
+        kept = keep_snapshots(Path(cfg.out), marks, done)
         start = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - start
+        done.set()
         trained = knn(trainer.encoder(), gallery, queries)
         rows.append({"variant": name, "options": opts, "steps": result.steps, "train_s": round(result.train_seconds),
                      "wall_s": round(seconds), "loss": round(result.final_loss, 3), "untrained_top1": untrained,
-                     "trained_top1": trained, "gain": round(trained - untrained, 2)})
+                     "trained_top1": trained, "gain": round(trained - untrained, 2),
+                     "snapshots": [{"minutes": m, "trained_top1": knn(Encoder.load(path), gallery, queries)} for m, path in kept]})
         print(json.dumps(rows[-1]), flush=True)
         torch.manual_seed(0)
     write_report({"date": time.strftime("%Y-%m-%d"), "minutes": args.minutes, "data": str(args.data),
