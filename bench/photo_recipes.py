@@ -8,8 +8,8 @@ training images, beside the same architecture untrained (its weights at step 0).
 A variant is NAME:OPTION=VALUE,... with TrainConfig's option names; the photo profile gives
 the rest. The full evaluation (every image, through the CLI) is bench/photo_quality.py's.
 
-``--snapshots 10,20`` also keeps the encoder file the run has written by those minutes of
-training (it is written once a minute, whitening included) and evaluates each the same way: a
+``--snapshots 10,20`` also keeps the encoder file the run has written by those minutes after
+it started (loading included; the file is written once a minute, whitening included) and evaluates each the same way: a
 budget curve from one long run (mid-schedule weights, so each point is where the run stood,
 not a shorter run's end)::
 

@@ -1,8 +1,9 @@
 """What several test modules share: generated images and vectors, the tiny training recipe,
-a pickle payload. Fixtures that use them are in conftest.py."""
+a pickle payload, a free port. Fixtures that use them are in conftest.py."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,10 @@ def one_kind(seed: int = 0, n: int = 400, anomalies: int = 12, dim: int = 16) ->
     normal = mean + rng.normal(size=(n, dim)) * scale
     far = mean + rng.normal(size=(anomalies, dim)) * scale * 4.0
     return np.vstack([normal, far]).astype(np.float32), np.r_[np.zeros(n, bool), np.ones(anomalies, bool)]
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

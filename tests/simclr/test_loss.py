@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from simclr import dist as simclr_dist
 from simclr.errors import SimCLRError
 from simclr.loss import NTXentLoss
+from tests.helpers import free_port
 
 
 def naive_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -88,12 +88,6 @@ def test_rejects_bad_arguments() -> None:
 
 # ---------------------------------------------------------------- two processes (gloo)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, xs: tuple[torch.Tensor, ...], weight: torch.Tensor, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -126,7 +120,7 @@ def test_two_processes_match_one_process_on_the_joined_batch(views: int) -> None
     xs = tuple(torch.randn(8, 6, generator=g) for _ in range(views))
     weight = torch.randn(4, 6, generator=g)
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), xs, weight, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), xs, weight, out), nprocs=2, join=True)
         results = [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
     model = torch.nn.Linear(6, 4, bias=False)
     with torch.no_grad():

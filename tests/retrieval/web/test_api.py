@@ -242,12 +242,9 @@ def test_a_port_in_use_is_named_before_the_index_loads(tmp_path: Path) -> None:
 
 
 def test_api_only_without_the_demo_index_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
+    from tests.helpers import free_port
 
     monkeypatch.chdir(tmp_path)  # no runs/ here: nothing to serve, and no page to say so
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = CliRunner().invoke(cli, ["serve", "--api-only", "--port", str(port), "--device", "cpu"])
+    result = CliRunner().invoke(cli, ["serve", "--api-only", "--port", str(free_port()), "--device", "cpu"])
     assert result.exit_code == 1 and "runs/fashion-mnist/index" in result.output
     assert "Traceback" not in result.output
