@@ -20,6 +20,7 @@ from retrieval.errors import RetrievalError
 from simclr.config import photo_image_size
 from simclr.device import pick_device
 from simclr.encoder import Encoder
+from simclr.errors import SimCLRError
 from simclr.pretrained import pretrained_encoder
 from simclr.whitening import DEFAULT_SHRINKAGE, MIN_IMAGES_PER_DIM, can_whiten, evenly_spaced, fit_sample_size, fit_whitening
 
@@ -61,11 +62,13 @@ def whiten_on(encoder: Encoder, coll: Collection, max_images: int | None = None,
 
 def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | Path | None = None,
              shrinkage: float | None = None, max_images: int | None = None, remove: bool = False,
-             device: str = "auto", workers: int | None = None) -> tuple[Path, WhiteningFit | None]:
+             device: str = "auto", workers: int | None = None, pooling: str | None = None) -> tuple[Path, WhiteningFit | None]:
     """Write a copy of ``encoder`` whitened on a sample of ``data`` (streamed: a folder larger than
     memory is fine), or, with ``remove``, without any whitening; returns the new file (default:
     ``NAME-whitened.pt`` / ``NAME-plain.pt`` beside it) and how the fit went. For encoders trained with
     ``--no-whiten`` or before whitening existed; the old file, and indexes built with it, stay.
+    ``pooling`` also switches how the copy pools its features (:mod:`simclr.pooling`): the same
+    weights, another embedding, whitened for it.
 
     Raises:
         RetrievalError: the target exists (nothing is written), ``max_images`` < 1, or too few
@@ -79,6 +82,11 @@ def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | 
     if max_images is not None and max_images < 1:
         raise RetrievalError(f"--max-images must be >= 1, got {max_images}")
     fit = None
+    if pooling is not None:
+        try:
+            enc.set_pooling(pooling)
+        except SimCLRError as exc:
+            raise RetrievalError(f"--pooling: {exc}") from None
     if remove:
         enc.set_whitening(None, None)
     else:

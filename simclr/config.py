@@ -15,13 +15,14 @@ from simclr.errors import SimCLRError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
+from simclr.pooling import POOLINGS
 from simclr.training_data import LOADERS
 from simclr.whitening import DEFAULT_SHRINKAGE
 
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
-     "whiten", "whiten_shrinkage", "loader", "memory_budget_gb", "loader_workers", "save_minutes"}
+     "whiten", "whiten_shrinkage", "pooling", "loader", "memory_budget_gb", "loader_workers", "save_minutes"}
 )
 # Options that older versions wrote into checkpoints and no longer exist; loading such a
 # configuration drops them. (``workers``: the trainer never used it; streaming has ``loader_workers``.)
@@ -78,6 +79,8 @@ class TrainConfig:
     in_channels: int | None = None
     # Training resolution; None: 32 for data sets, a photo resolution for folders (PROFILES).
     image_size: int | None = None
+    # How the encoder pools the backbone's maps into its embedding (simclr.pooling).
+    pooling: str = "global"
     head: str = "mlp"
     head_hidden: int = 512
     head_out: int = 128
@@ -180,6 +183,7 @@ class TrainConfig:
                 raise SimCLRError(message)
 
         need(self.arch in BACKBONES, f"unknown architecture {self.arch!r}; known: {', '.join(BACKBONES)}")
+        need(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
         need(self.stem is None or self.stem in STEMS, f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
         need(self.head in HEADS, f"unknown projection head {self.head!r}; known: {', '.join(HEADS)}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")

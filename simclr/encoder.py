@@ -2,8 +2,8 @@
 
 A small file holding the backbone's weights and what is needed to use them (architecture,
 input size and channels, normalisation, and the whitening fit at the end of training). Its
-embedding is the pooled output of the backbone, never the projection head (SimCLR, section
-4.2), PCA-whitened when the file holds a whitening (:mod:`simclr.whitening`), then
+embedding is the pooled output of the backbone (:mod:`simclr.pooling`), never the projection
+head (SimCLR, section 4.2), PCA-whitened when the file holds a whitening (:mod:`simclr.whitening`), then
 L2-normalised.
 """
 
@@ -22,6 +22,7 @@ from simclr.augment import normalize, resize, to_unit_float
 from simclr.checkpoint import atomic_save, file_sha256, safe_load
 from simclr.errors import SimCLRError
 from simclr.models import build_backbone
+from simclr.pooling import check_pooling, pooled_dim, pooled_features
 from simclr.whitening import (
     DEFAULT_SHRINKAGE,
     MIN_IMAGES_PER_DIM,
@@ -51,6 +52,7 @@ class EncoderSpec:
     std: list[float]
     trained_on: str = ""
     train_config: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "global"  # simclr.pooling (files written before it existed: global)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> "EncoderSpec":
@@ -65,6 +67,7 @@ class Encoder(nn.Module):
 
     def __init__(self, spec: EncoderSpec, backbone: nn.Module | None = None):
         super().__init__()
+        check_pooling(spec.pooling)
         self.spec = spec
         self.backbone = backbone or build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32), persistent=False)
@@ -85,6 +88,13 @@ class Encoder(nn.Module):
             return
         check_whitening(mean, matrix, self.spec.feature_dim, where)
         self.white_mean, self.white_matrix = mean.float().to(self.device), matrix.float().to(self.device)
+
+    def set_pooling(self, pooling: str) -> None:
+        """Embed with ``pooling`` (:mod:`simclr.pooling`) from now on; the whitening, fit for the
+        old features, is dropped."""
+        check_pooling(pooling)
+        self.spec.pooling, self.spec.feature_dim = pooling, pooled_dim(self.backbone, pooling)
+        self.set_whitening(None, None)
 
     @torch.no_grad()
     def fit_whitening(self, images: torch.Tensor, max_images: int | None = None, shrinkage: float = DEFAULT_SHRINKAGE,
@@ -137,7 +147,8 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's pooled features (B, D) of uint8 images, float32, as they are."""
+        """The backbone's pooled features (B, D) of uint8 images (:mod:`simclr.pooling`), float32,
+        as they are."""
         was_training = self.backbone.training
         if was_training:  # (switching modes walks every module: only when needed)
             self.backbone.eval()
@@ -145,9 +156,9 @@ class Encoder(nn.Module):
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                feats = self.backbone(x)
+                feats = pooled_features(self.backbone, x, self.spec.pooling)
         else:
-            feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
+            feats = pooled_features(self.backbone, x.contiguous(memory_format=torch.channels_last), self.spec.pooling)
         if was_training:
             self.backbone.train()
         return feats.float()
@@ -173,11 +184,17 @@ class Encoder(nn.Module):
         if obj.get("version") != VERSION:
             raise SimCLRError(f"{path}: encoder format version {obj.get('version')} is not supported (expected {VERSION})")
         spec = EncoderSpec.from_dict(obj.get("spec", {}), str(path))
-        enc = cls(spec)
+        try:
+            enc = cls(spec)
+        except SimCLRError as exc:
+            raise SimCLRError(f"{path}: {exc}") from None
         try:
             enc.backbone.load_state_dict(obj["backbone"])
         except (RuntimeError, KeyError) as exc:
             raise SimCLRError(f"{path}: weights do not match {spec.arch} ({first_line(exc, type(exc).__name__)})") from None
+        if pooled_dim(enc.backbone, spec.pooling) != spec.feature_dim:
+            raise SimCLRError(f"{path}: encoder description says {spec.feature_dim}-d features, but {spec.arch} "
+                              f"(width {spec.width}) with {spec.pooling} pooling gives {pooled_dim(enc.backbone, spec.pooling)}")
         white = obj.get("whitening")
         if white is not None:
             if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):

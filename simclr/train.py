@@ -31,6 +31,7 @@ from simclr.loss import NTXentLoss
 from simclr.metrics import MetricsLog
 from simclr.models import SimCLRModel, build_backbone, build_head, load_imagenet_weights
 from simclr.optim import WarmupCosine, build_optimizer, scaled_lr
+from simclr.pooling import pooled_dim
 from simclr.pretrained import imagenet_stats
 from simclr.training_data import (
     STATS_IMAGES,
@@ -138,11 +139,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights
         backbone = build_backbone(cfg.arch, channels, cfg.stem, cfg.width)
         # Whitening is fit at each save when the data set can estimate it (decided once).
-        self.whiten = cfg.whiten and whitening.can_whiten(len(source), backbone.feature_dim)
+        self.embed_dim = pooled_dim(backbone, cfg.pooling)
+        self.whiten = cfg.whiten and whitening.can_whiten(len(source), self.embed_dim)
         if cfg.whiten and not self.whiten and dist.is_main():
             log.warning("%d training images are too few to fit a whitening of %d-d features (%d needed); "
-                        "the encoder will use its features unwhitened", len(source), backbone.feature_dim,
-                        whitening.MIN_IMAGES_PER_DIM * backbone.feature_dim)
+                        "the encoder will use its features unwhitened", len(source), self.embed_dim,
+                        whitening.MIN_IMAGES_PER_DIM * self.embed_dim)
         if cfg.init != "random" and self.state is None:
             load_imagenet_weights(backbone, cfg.arch, cfg.init)
         head = build_head(cfg.head, backbone.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_depth)
@@ -441,8 +443,9 @@ class Trainer:
         evenly spaced training images unless ``--no-whiten``."""
         spec = EncoderSpec(
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
-            image_size=self.cfg.image_size, feature_dim=self.model.backbone.feature_dim,
+            image_size=self.cfg.image_size, feature_dim=self.embed_dim,
             mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data, train_config=self.cfg.to_dict(),
+            pooling=self.cfg.pooling,
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
         if self.whiten:

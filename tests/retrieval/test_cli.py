@@ -178,6 +178,15 @@ def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image
     assert r.exit_code == 1 and "exists" in r.output and white.checksum == Encoder.load(tmp_path / "w.pt").checksum
     r = run("whiten", tmp_path / "w.pt", "--remove", "--out", tmp_path / "p.pt")
     assert r.exit_code == 0 and not Encoder.load(tmp_path / "p.pt").whitened
+    # --pooling: the same weights, another embedding (the old whitening, fit for the old features, goes).
+    r = run("whiten", tmp_path / "w.pt", "--pooling", "multiscale", "--remove", "--out", tmp_path / "m.pt")
+    multi = Encoder.load(tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
+    assert (multi.spec.pooling, multi.dim, multi.whitened) == ("multiscale", 4 * (16 + 32) + 64, False)
+    assert torch.allclose(multi.features(x)[:, -64:], plain.features(x), atol=1e-5)  # the last stage's block is the global pooling
+    r = run("whiten", tmp_path / "w.pt", "--pooling", "max", "--out", tmp_path / "bad.pt")
+    assert r.exit_code == 1 and "--pooling: unknown pooling 'max'; known: global, multiscale" in r.output
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_a_folder_without_images_is_reported_and_the_other_queries_answered(tiny_index: Path, image_folder: Path, tmp_path: Path) -> None:
@@ -194,7 +203,7 @@ def test_a_folder_without_images_is_reported_and_the_other_queries_answered(tiny
 def test_info_names_the_calibration_and_the_encoder(tiny_index: Path) -> None:
     r = run("info", tiny_index)
     assert r.exit_code == 0, r.output
-    assert "resnet18 (small stem, 16px, 3ch" in r.output and "anomaly    k=5" in r.output and "99th percentile of 48" in r.output
+    assert "resnet18 (small stem, width 8, 16px, 3ch, global pooling" in r.output and "anomaly    k=5" in r.output and "99th percentile of 48" in r.output
     # 48 items cannot estimate a 64-d covariance: the anomaly space falls back to raw features, and says so.
     assert "the 48 gallery items were too few to fit a whitening" in r.output
 

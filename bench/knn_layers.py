@@ -1,0 +1,147 @@
+"""Weighted kNN from more than the last stage: does a multi-scale embedding lift what training adds?
+
+The index embeds an image as the backbone's globally pooled last-stage features, whitened. For
+the small-stem network B of BENCHMARKS.md (width 16, 28 px) that is a 128-d vector, against 784
+pixels for whitened raw pixels. This study embeds the same encoders with earlier stages'
+features too (globally pooled, or pooled to 2 x 2 so that layout survives), concatenated,
+each block scaled to one variance before a whitening fit on evenly spaced training images
+(as ``Encoder.fit_whitening``), then L2-normalised; weighted kNN (k = 200, T = 0.07) of the
+Fashion-MNIST test images against the training images (or ``--train``/``--test`` folders), for each encoder and for its
+untrained control (the same architecture at the initial weights of the run's seed, read from
+the checkpoint beside the encoder; seed 0 without one)::
+
+    .venv/bin/python bench/knn_layers.py --encoder B10=bench/out/budget/run-1795531981-0/encoder.pt \\
+        --json bench/out/knn_layers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from anomaly_layers import block_scaled  # noqa: E402
+from harness import write_report  # noqa: E402
+
+from simclr.data import load_images  # noqa: E402
+from simclr.encoder import Encoder  # noqa: E402
+from simclr.knn import knn_evaluate  # noqa: E402
+from simclr.models import build_backbone  # noqa: E402
+from simclr.whitening import evenly_spaced, fit_sample_size, fit_whitening  # noqa: E402
+
+VARIANTS: dict[str, list[str]] = {
+    "l4 (the index)": ["l4"],
+    "l4 2x2": ["l4s"],
+    "l3 + l4": ["l3", "l4"],
+    "l3 2x2 + l4": ["l3s", "l4"],
+    "l2 2x2 + l3 2x2 + l4": ["l2s", "l3s", "l4"],
+    "l3 2x2 + l4 2x2": ["l3s", "l4s"],
+}
+
+
+@torch.no_grad()
+def stage_features(enc: Encoder, images: torch.Tensor, flip: bool, batch: int = 1000) -> dict[str, torch.Tensor]:
+    """Each stage's features pooled globally (``lN``) and to 2 x 2 (``lNs``)."""
+    b = enc.backbone.eval()
+    out: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, images.shape[0], batch):
+        x = enc.preprocess(images[s : s + batch])
+        if flip:
+            x = x.flip(3)
+        x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        for i in (2, 3, 4):
+            x = getattr(b, f"layer{i}")(x)
+            out.setdefault(f"l{i}", []).append(x.mean((2, 3)).float())
+            out.setdefault(f"l{i}s", []).append(F.adaptive_avg_pool2d(x, 2).flatten(1).float())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def embed(feats: dict[str, torch.Tensor], blocks: list[str], flip: bool) -> torch.Tensor:
+    parts = []
+    for name in blocks:
+        x = (feats[name] + feats[f"{name}_flip"]) / 2 if flip else feats[name]
+        parts.append(x)
+    return torch.cat(parts, 1)
+
+
+def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: int, blocks: list[str], flip: bool) -> tuple[int, float]:  # noqa: ANN001
+    n = train_labels.shape[0]
+    g, q = embed(train_f, blocks, flip), embed(test_f, blocks, flip)
+    # Scale each block on the training features, so that the blocks enter the whitening on one scale.
+    gs, qs, start = [], [], 0
+    for name in blocks:
+        width = train_f[name].shape[1]
+        a, b = block_scaled(g[:, start : start + width], g[:, start : start + width], q[:, start : start + width])
+        gs.append(a)
+        qs.append(b)
+        start += width
+    g, q = torch.cat(gs, 1), torch.cat(qs, 1)
+    dim = g.shape[1]
+    mean, matrix = fit_whitening(evenly_spaced(g, min(n, fit_sample_size(dim))))
+    gw, qw = F.normalize((g - mean) @ matrix, dim=1), F.normalize((q - mean) @ matrix, dim=1)
+    r = knn_evaluate(qw, test_labels, gw, train_labels, classes, 200, 0.07)
+    return dim, round(100 * r.top1, 2)
+
+
+def run_seed(encoder: Path) -> int:
+    """The seed of the run that wrote ``encoder`` (its checkpoint's config), 0 without a checkpoint."""
+    ckpt = encoder.parent / "checkpoint.pt"
+    if not ckpt.exists():
+        return 0
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["config"].get("seed", 0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--encoder", action="append", required=True, help="NAME=PATH of an encoder file")
+    ap.add_argument("--variant", action="append", default=None, choices=list(VARIANTS), help="only these (default: all)")
+    ap.add_argument("--no-flip", action="store_true", help="skip the flip-averaged rows (half the embedding time)")
+    ap.add_argument("--size", type=int, default=None, help="embed at this input size instead of the encoder's own")
+    ap.add_argument("--train", default="fashion-mnist:train", help="gallery images (a data set or a folder with class subfolders)")
+    ap.add_argument("--test", default="fashion-mnist:test", help="query images")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    loaded: dict[int, tuple] = {}
+    rows = []
+    for text in args.encoder:
+        name, _, path = text.partition("=")
+        seed = run_seed(Path(path))
+        for untrained in (False, True):
+            enc = Encoder.load(path, "cpu")
+            if untrained:
+                torch.manual_seed(seed)
+                enc.backbone = build_backbone(enc.spec.arch, enc.spec.in_channels, enc.spec.stem, enc.spec.width)
+            if args.size:
+                enc.spec.image_size = args.size
+            size = enc.spec.image_size
+            if size not in loaded:  # (a data set comes at its own size; a folder is decoded at the encoder's)
+                loaded[size] = (load_images(args.train, size, enc.spec.in_channels), load_images(args.test, size, enc.spec.in_channels))
+            train, test = loaded[size]
+            start = time.perf_counter()
+            feats = {}
+            for split, data in (("train", train), ("test", test)):
+                f = stage_features(enc, data.images, False)
+                if not args.no_flip:
+                    f.update({f"{k}_flip": v for k, v in stage_features(enc, data.images, True).items()})
+                feats[split] = f
+            seconds = time.perf_counter() - start
+            for variant in args.variant or VARIANTS:
+                blocks = VARIANTS[variant]
+                for flip in (False,) if args.no_flip else (False, True):
+                    dim, top1 = evaluate(feats["train"], feats["test"], train.labels, test.labels, len(train.classes), blocks, flip)
+                    row = {"encoder": name, "seed": seed, "untrained": untrained, "size": enc.spec.image_size, "variant": variant,
+                           "flip": flip, "dim": dim, "knn200_whitened": top1, "embed_s": round(seconds, 1)}
+                    print(row, flush=True)
+                    rows.append(row)
+    write_report({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, args.json, show=False)
+
+
+if __name__ == "__main__":
+    main()
