@@ -50,7 +50,7 @@ SHRINKAGE = 1e-4
 log = logging.getLogger("anomaly_layers")
 
 # Blocks of features taken from one forward pass (name -> how it is made from the stage maps).
-BLOCKS = ("l2", "l2s", "l3", "l3s", "l4")
+BLOCKS = ("l2", "l2s", "l3", "l3s", "l4", "l4s")
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch
             maps[i] = x
         for i in (2, 3, 4):
             out[f"l{i}"].append(maps[i].mean((2, 3)).float())
-        for i in (2, 3):
+        for i in (2, 3, 4):
             out[f"l{i}s"].append(F.adaptive_avg_pool2d(maps[i], 2).flatten(1).float())
     return {name: torch.cat(parts) for name, parts in out.items()}
 

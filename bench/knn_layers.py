@@ -27,7 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_layers import block_scaled  # noqa: E402
+from anomaly_layers import space, stage_features  # noqa: E402
 from harness import write_report  # noqa: E402
 
 from simclr.data import load_images  # noqa: E402
@@ -46,45 +46,10 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-@torch.no_grad()
-def stage_features(enc: Encoder, images: torch.Tensor, flip: bool, batch: int = 1000) -> dict[str, torch.Tensor]:
-    """Each stage's features pooled globally (``lN``) and to 2 x 2 (``lNs``)."""
-    b = enc.backbone.eval()
-    out: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, images.shape[0], batch):
-        x = enc.preprocess(images[s : s + batch])
-        if flip:
-            x = x.flip(3)
-        x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
-        for i in (2, 3, 4):
-            x = getattr(b, f"layer{i}")(x)
-            out.setdefault(f"l{i}", []).append(x.mean((2, 3)).float())
-            out.setdefault(f"l{i}s", []).append(F.adaptive_avg_pool2d(x, 2).flatten(1).float())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def embed(feats: dict[str, torch.Tensor], blocks: list[str], flip: bool) -> torch.Tensor:
-    parts = []
-    for name in blocks:
-        x = (feats[name] + feats[f"{name}_flip"]) / 2 if flip else feats[name]
-        parts.append(x)
-    return torch.cat(parts, 1)
-
-
 def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: int, blocks: list[str], flip: bool) -> tuple[int, float]:  # noqa: ANN001
-    n = train_labels.shape[0]
-    g, q = embed(train_f, blocks, flip), embed(test_f, blocks, flip)
-    # Scale each block on the training features, so that the blocks enter the whitening on one scale.
-    gs, qs, start = [], [], 0
-    for name in blocks:
-        width = train_f[name].shape[1]
-        a, b = block_scaled(g[:, start : start + width], g[:, start : start + width], q[:, start : start + width])
-        gs.append(a)
-        qs.append(b)
-        start += width
-    g, q = torch.cat(gs, 1), torch.cat(qs, 1)
+    g, q = space(train_f, test_f, blocks, flip)  # each block scaled on the training features
     dim = g.shape[1]
-    mean, matrix = fit_whitening(evenly_spaced(g, min(n, fit_sample_size(dim))))
+    mean, matrix = fit_whitening(evenly_spaced(g, min(g.shape[0], fit_sample_size(dim))))
     gw, qw = F.normalize((g - mean) @ matrix, dim=1), F.normalize((q - mean) @ matrix, dim=1)
     r = knn_evaluate(qw, test_labels, gw, train_labels, classes, 200, 0.07)
     return dim, round(100 * r.top1, 2)
@@ -127,9 +92,9 @@ def main() -> None:
             start = time.perf_counter()
             feats = {}
             for split, data in (("train", train), ("test", test)):
-                f = stage_features(enc, data.images, False)
+                f = stage_features(enc, data.images)
                 if not args.no_flip:
-                    f.update({f"{k}_flip": v for k, v in stage_features(enc, data.images, True).items()})
+                    f.update({f"{k}_flip": v for k, v in stage_features(enc, data.images, flip=True).items()})
                 feats[split] = f
             seconds = time.perf_counter() - start
             for variant in args.variant or VARIANTS:

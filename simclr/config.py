@@ -15,7 +15,7 @@ from simclr.errors import SimCLRError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 from simclr.models import BACKBONES, HEADS, STEMS
 from simclr.optim import OPTIMIZERS
-from simclr.pooling import POOLINGS
+from simclr.pooling import check_pooling
 from simclr.training_data import LOADERS
 from simclr.whitening import DEFAULT_SHRINKAGE
 
@@ -183,7 +183,7 @@ class TrainConfig:
                 raise SimCLRError(message)
 
         need(self.arch in BACKBONES, f"unknown architecture {self.arch!r}; known: {', '.join(BACKBONES)}")
-        need(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
+        check_pooling(self.pooling)
         need(self.stem is None or self.stem in STEMS, f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
         need(self.head in HEADS, f"unknown projection head {self.head!r}; known: {', '.join(HEADS)}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")

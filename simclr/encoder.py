@@ -192,9 +192,10 @@ class Encoder(nn.Module):
             enc.backbone.load_state_dict(obj["backbone"])
         except (RuntimeError, KeyError) as exc:
             raise SimCLRError(f"{path}: weights do not match {spec.arch} ({first_line(exc, type(exc).__name__)})") from None
-        if pooled_dim(enc.backbone, spec.pooling) != spec.feature_dim:
+        dim = pooled_dim(enc.backbone, spec.pooling)
+        if dim != spec.feature_dim:
             raise SimCLRError(f"{path}: encoder description says {spec.feature_dim}-d features, but {spec.arch} "
-                              f"(width {spec.width}) with {spec.pooling} pooling gives {pooled_dim(enc.backbone, spec.pooling)}")
+                              f"(width {spec.width}) with {spec.pooling} pooling gives {dim}")
         white = obj.get("whitening")
         if white is not None:
             if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):
