@@ -32,7 +32,12 @@ OBSOLETE_OPTIONS = frozenset({"workers"})
 # scale; folders of photos at a photo resolution that suits the device (BENCHMARKS.md,
 # "Photo collections").
 SMALL_IMAGE_SIZE = 32
-PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}
+PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}  # also what ImageNet weights are fed at (retrieval encoder)
+# Training from random weights on a CPU buys a few thousand steps at most: the CPU photo profile
+# is a narrow network at 64 px (0.4 s a step on 2 cores, 7 times the steps of width 64 at 96 px)
+# embedding with the spatial pyramid of its stages, which keeps where an object's parts are
+# (BENCHMARKS.md, "Photo collections": above the untrained network and whitened raw pixels).
+CPU_PHOTO_NETWORK = {"width": 32, "image_size": 64, "pooling": "pyramid"}
 # Colour jitter and blur: the grayscale demo's searched values for small images; SimCLR's
 # ImageNet values for photos, whose colour is otherwise the easiest thing to tell views apart by
 # (BENCHMARKS.md, "Photo collections").
@@ -44,13 +49,13 @@ PHOTO_AUGMENT = {"jitter_strength": 1.0, "blur_p": 0.5}
 # keep ResNet's standard stem (7x7/2 + max-pool), made for them.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 256, "knn_every": 5,
-            "image_size": SMALL_IMAGE_SIZE, **SMALL_IMAGE_AUGMENT},
-    "cpu-photos": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 128, "knn_every": 0,
-                   "image_size": PHOTO_IMAGE_SIZE["cpu"], **PHOTO_AUGMENT},
+            "image_size": SMALL_IMAGE_SIZE, "pooling": "global", **SMALL_IMAGE_AUGMENT},
+    "cpu-photos": {"stem": "standard", "minutes": 10.0, "batch_size": 128, "knn_every": 0,
+                   **CPU_PHOTO_NETWORK, **PHOTO_AUGMENT},
     "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10,
-             "image_size": SMALL_IMAGE_SIZE, **SMALL_IMAGE_AUGMENT},
+             "image_size": SMALL_IMAGE_SIZE, "pooling": "global", **SMALL_IMAGE_AUGMENT},
     "cuda-photos": {"stem": "standard", "width": 64, "epochs": 100, "batch_size": 512, "knn_every": 10,
-                    "image_size": PHOTO_IMAGE_SIZE["cuda"], **PHOTO_AUGMENT},
+                    "image_size": PHOTO_IMAGE_SIZE["cuda"], "pooling": "global", **PHOTO_AUGMENT},
 }
 
 
@@ -79,8 +84,9 @@ class TrainConfig:
     in_channels: int | None = None
     # Training resolution; None: 32 for data sets, a photo resolution for folders (PROFILES).
     image_size: int | None = None
-    # How the encoder pools the backbone's maps into its embedding (simclr.pooling).
-    pooling: str = "global"
+    # How the encoder pools the backbone's maps into its embedding (simclr.pooling); None: by
+    # device and kind of data (PROFILES).
+    pooling: str | None = None
     head: str = "mlp"
     head_hidden: int = 512
     head_out: int = 128
@@ -183,7 +189,8 @@ class TrainConfig:
                 raise SimCLRError(message)
 
         need(self.arch in BACKBONES, f"unknown architecture {self.arch!r}; known: {', '.join(BACKBONES)}")
-        check_pooling(self.pooling)
+        if self.pooling is not None:
+            check_pooling(self.pooling)
         need(self.stem is None or self.stem in STEMS, f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
         need(self.head in HEADS, f"unknown projection head {self.head!r}; known: {', '.join(HEADS)}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")

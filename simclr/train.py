@@ -98,7 +98,12 @@ class Trainer:
                     f"{self.ckpt_path} belongs to another configuration ({'; '.join(conflicts)}); "
                     "drop those options to resume it, or train into another --out folder"
                 )
-            cfg = saved.replace(**{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+            changes = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
+            if "pooling" not in (explicit or ()):
+                # The run keeps its embedding unless told otherwise (a profile's default may have
+                # changed since); checkpoints written before the option pooled globally.
+                changes["pooling"] = saved.pooling or "global"
+            cfg = saved.replace(**changes)
         elif self.ckpt_path.exists():
             raise SimCLRError(
                 f"{self.ckpt_path} already exists; pass --resume to continue that run, "

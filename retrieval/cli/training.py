@@ -27,7 +27,7 @@ def train(
     width: Annotated[Optional[int], typer.Option(help="Channels of the first ResNet stage (64 is torchvision's).")] = None,
     in_channels: Annotated[Optional[int], typer.Option(help="Input channels (default: the data's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: 32 for data sets; for folders of photos 96 on a CPU, 224 on a GPU). The encoder records it; indexing embeds at it.")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Embedding: global (the last stage, averaged; the default) or multiscale (stages 2 and 3 on a 2x2 grid beside it: +2.6 kNN points for a narrow network, see BENCHMARKS.md).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Embedding: global (the last stage, averaged), multiscale (stages 2 and 3 on a 2x2 grid beside it) or pyramid (stage 2 on 4x4, stage 3 on 2x2, beside it). Default: pyramid for folders on a CPU, global otherwise (BENCHMARKS.md). A resumed run keeps its own unless given.")] = None,
     head: Annotated[Optional[str], typer.Option(help="Projection head: mlp, linear, none.")] = None,
     head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the MLP head.")] = None,
     head_out: Annotated[Optional[int], typer.Option(help="Output dimension of the head.")] = None,
@@ -102,7 +102,7 @@ def whiten(
     shrinkage: Annotated[Optional[float], typer.Option(help="Added to each eigenvalue, as a fraction of the largest (default: training's).")] = None,
     max_images: Annotated[Optional[int], typer.Option(help="Images sampled from --data to fit it (default 10,000, or 10 per feature dimension if more).")] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
-    pooling: Annotated[Optional[str], typer.Option(help="Also switch the copy's embedding: global (the last stage, averaged) or multiscale (stages 2 and 3 on a 2x2 grid beside it).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Also switch the copy's embedding: global (the last stage, averaged), multiscale (stages 2 and 3 on a 2x2 grid beside it) or pyramid (stage 2 on 4x4, stage 3 on 2x2).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Write a copy of an encoder whose embeddings are PCA-whitened (what training does by default);

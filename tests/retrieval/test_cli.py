@@ -185,7 +185,7 @@ def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image
     assert (multi.spec.pooling, multi.dim, multi.whitened) == ("multiscale", 4 * (16 + 32) + 64, False)
     assert torch.allclose(multi.features(x)[:, -64:], plain.features(x), atol=1e-5)  # the last stage's block is the global pooling
     r = run("whiten", tmp_path / "w.pt", "--pooling", "max", "--out", tmp_path / "bad.pt")
-    assert r.exit_code == 1 and "--pooling: unknown pooling 'max'; known: global, multiscale" in r.output
+    assert r.exit_code == 1 and "--pooling: unknown pooling 'max'; known: global, multiscale, pyramid" in r.output
     assert not (tmp_path / "bad.pt").exists()
 
 

@@ -12,27 +12,28 @@ from simclr.encoder import Encoder, EncoderSpec
 from simclr.errors import SimCLRError
 from simclr.models import build_backbone
 from simclr.pooling import pooled_dim, pooled_features
-from simclr.train import train
+from simclr.train import CHECKPOINT, Trainer, train
 from tests.helpers import TINY
 
 
-def naive_multiscale(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def naive_pooled(backbone: torch.nn.Module, x: torch.Tensor, grids: tuple[int, int]) -> torch.Tensor:
     """Stage outputs caught by hooks on torchvision's own forward; stages 2 and 3 averaged over
-    each quadrant by slicing, stage 4 over everything."""
+    each cell of a g x g grid by slicing (cell i spans floor(i n / g) to ceil((i + 1) n / g), so
+    a side that g does not divide shares its boundary rows), stage 4 over everything."""
     maps = {}
     hooks = [getattr(backbone, f"layer{i}").register_forward_hook(lambda m, a, out, i=i: maps.__setitem__(i, out))
              for i in (2, 3, 4)]
     backbone(x)
     for h in hooks:
         h.remove()
-    def halves(n: int) -> list[slice]:  # an odd side's middle row or column belongs to both halves
-        return [slice(0, -(-n // 2)), slice(n // 2, n)]
+    def cells(n: int, g: int) -> list[slice]:
+        return [slice(i * n // g, -(-(i + 1) * n // g)) for i in range(g)]
 
     parts = []
-    for i in (2, 3):
+    for i, g in zip((2, 3), grids):
         m = maps[i]
-        quads = [m[:, :, r, c] for r in halves(m.shape[2]) for c in halves(m.shape[3])]
-        parts.append(torch.stack([q.mean((2, 3)) for q in quads], 2).flatten(1))  # channel-major, as flatten(1) of (C, 2, 2)
+        quads = [m[:, :, r, c] for r in cells(m.shape[2], g) for c in cells(m.shape[3], g)]
+        parts.append(torch.stack([q.mean((2, 3)) for q in quads], 2).flatten(1))  # channel-major, as flatten(1) of (C, g, g)
     parts.append(maps[4].mean((2, 3)))
     return torch.cat(parts, 1)
 
@@ -45,8 +46,11 @@ def test_multiscale_features_are_the_stage_maps_pooled_on_a_grid(arch: str, stem
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         got = pooled_features(backbone, x, "multiscale")
-        assert torch.allclose(got, naive_multiscale(backbone, x), atol=1e-5)
+        assert torch.allclose(got, naive_pooled(backbone, x, (2, 2)), atol=1e-5)
         assert got.shape == (3, pooled_dim(backbone, "multiscale"))
+        pyramid = pooled_features(backbone, x, "pyramid")  # stage 2 on 4 x 4
+        assert torch.allclose(pyramid, naive_pooled(backbone, x, (4, 2)), atol=1e-5)
+        assert pyramid.shape == (3, pooled_dim(backbone, "pyramid"))
         # global pooling is the backbone as it is (what the projection head sees in training)
         assert torch.equal(pooled_features(backbone, x, "global"), backbone(x))
         assert pooled_dim(backbone, "global") == backbone.feature_dim
@@ -55,17 +59,41 @@ def test_multiscale_features_are_the_stage_maps_pooled_on_a_grid(arch: str, stem
 def test_the_cpu_recipe_s_embedding_is_512_d() -> None:
     # width 16, small stem: 4 x 32 (stage 2) + 4 x 64 (stage 3) + 128 (stage 4)
     assert pooled_dim(build_backbone("resnet18", 1, "small", 16), "multiscale") == 512
+    # the CPU photo profile's network, width 32: 16 x 64 (stage 2) + 4 x 128 (stage 3) + 256 (stage 4)
+    assert pooled_dim(build_backbone("resnet18", 3, "standard", 32), "pyramid") == 1792
 
 
-def test_a_run_with_multiscale_pooling_writes_an_encoder_that_embeds_with_it(image_folder: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), **{**TINY, "pooling": "multiscale"})
+@pytest.mark.parametrize("pooling,grids", [("multiscale", (2, 2)), (None, (4, 2))])
+def test_a_run_writes_an_encoder_that_embeds_with_its_pooling(image_folder: Path, tmp_path: Path, pooling: str | None,
+                                                              grids: tuple[int, int]) -> None:
+    # None: a folder's default on a CPU (the photo profile), the pyramid
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), **{**TINY, "pooling": pooling})
     enc = Encoder.load(train(cfg).encoder)
-    assert enc.spec.pooling == "multiscale" and enc.dim == pooled_dim(enc.backbone, "multiscale")
+    name = pooling or "pyramid"
+    assert enc.spec.pooling == name and enc.dim == pooled_dim(enc.backbone, name)
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     feats = enc.features(x)
-    assert torch.allclose(feats, naive_multiscale(enc.backbone, enc.preprocess(x)), atol=1e-5)
+    assert torch.allclose(feats, naive_pooled(enc.backbone, enc.preprocess(x), grids), atol=1e-5)
     emb = enc.embed(x)
     assert emb.shape == (5, enc.dim) and torch.allclose(emb.norm(dim=1), torch.ones(5))
+
+
+def test_a_resumed_run_keeps_its_pooling_unless_told_otherwise(image_folder: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), **{**TINY, "pooling": "multiscale"})
+    train(cfg)
+    more = {k: v for k, v in TINY.items() if k != "pooling"}
+    # a folder's CPU default is pyramid: resuming without --pooling keeps the run's own
+    resumed = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **more), resume=True, explicit=set(more))
+    assert resumed.cfg.pooling == "multiscale"
+    told = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **{**more, "pooling": "pyramid"}), resume=True,
+                   explicit={*more, "pooling"})
+    assert told.cfg.pooling == "pyramid"
+    # a checkpoint from before the option pooled globally
+    state = safe_load(tmp_path / "run" / CHECKPOINT)
+    del state["config"]["pooling"]
+    atomic_save(state, tmp_path / "run" / CHECKPOINT)
+    old = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **more), resume=True, explicit=set(more))
+    assert old.cfg.pooling == "global" and old.embed_dim == pooled_dim(old.encoder().backbone, "global")
 
 
 def test_an_encoder_file_from_before_pooling_was_recorded_pools_globally(tiny_encoder: Path, tmp_path: Path) -> None:
@@ -82,7 +110,7 @@ def test_an_unknown_pooling_or_a_dimension_that_does_not_fit_is_named(tiny_encod
     obj = safe_load(tiny_encoder)
     obj["spec"]["pooling"] = "max"
     atomic_save(obj, tmp_path / "bad.pt")
-    with pytest.raises(SimCLRError, match=r"bad.pt: unknown pooling 'max'; known: global, multiscale"):
+    with pytest.raises(SimCLRError, match=r"bad.pt: unknown pooling 'max'; known: global, multiscale, pyramid"):
         Encoder.load(tmp_path / "bad.pt")
     obj["spec"]["pooling"] = "multiscale"  # the stored feature_dim is the global one's
     atomic_save(obj, tmp_path / "bad.pt")
