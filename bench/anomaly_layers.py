@@ -50,12 +50,13 @@ SHRINKAGE = 1e-4
 log = logging.getLogger("anomaly_layers")
 
 # Blocks of features taken from one forward pass (name -> how it is made from the stage maps).
-BLOCKS = ("l2", "l2s", "l3", "l3s", "l4", "l4s")
+BLOCKS = ("l2", "l2s", "l2q", "l3", "l3s", "l3q", "l4", "l4s")
 
 
 @torch.no_grad()
 def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch: int = 500) -> dict[str, torch.Tensor]:
-    """Pooled features of each stage: ``lN`` global average, ``lNs`` average-pooled to 2 x 2."""
+    """Pooled features of each stage: ``lN`` global average, ``lNs`` average-pooled to 2 x 2,
+    ``lNq`` (stages 2 and 3) to 4 x 4."""
     b = enc.backbone.eval()
     out: dict[str, list[torch.Tensor]] = {name: [] for name in BLOCKS}
     for s in range(0, images.shape[0], batch):
@@ -72,6 +73,8 @@ def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch
             out[f"l{i}"].append(maps[i].mean((2, 3)).float())
         for i in (2, 3, 4):
             out[f"l{i}s"].append(F.adaptive_avg_pool2d(maps[i], 2).flatten(1).float())
+        for i in (2, 3):
+            out[f"l{i}q"].append(F.adaptive_avg_pool2d(maps[i], 4).flatten(1).float())
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
