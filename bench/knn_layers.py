@@ -34,7 +34,7 @@ from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
 from simclr.models import build_backbone  # noqa: E402
-from simclr.whitening import evenly_spaced, fit_sample_size, fit_whitening  # noqa: E402
+from simclr.whitening import can_whiten, evenly_spaced, fit_sample_size, fit_whitening  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "l4 (the index)": ["l4"],
@@ -49,13 +49,19 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: int, blocks: list[str], flip: bool) -> tuple[int, float]:  # noqa: ANN001
+def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: int, blocks: list[str], flip: bool,  # noqa: ANN001
+             whiten: str = "always") -> tuple[int, bool, float]:
+    """Dimension, whether whitened, and top-1. ``whiten``: ``always``, or ``rule`` (as encoders
+    do: only with at least MIN_IMAGES_PER_DIM gallery images a dimension, plain features otherwise)."""
     g, q = space(train_f, test_f, blocks, flip)  # each block scaled on the training features
     dim = g.shape[1]
-    mean, matrix = fit_whitening(evenly_spaced(g, min(g.shape[0], fit_sample_size(dim))))
-    gw, qw = F.normalize((g - mean) @ matrix, dim=1), F.normalize((q - mean) @ matrix, dim=1)
+    white = whiten == "always" or can_whiten(g.shape[0], dim)
+    if white:
+        mean, matrix = fit_whitening(evenly_spaced(g, min(g.shape[0], fit_sample_size(dim))))
+        g, q = (g - mean) @ matrix, (q - mean) @ matrix
+    gw, qw = F.normalize(g, dim=1), F.normalize(q, dim=1)
     r = knn_evaluate(qw, test_labels, gw, train_labels, classes, 200, 0.07)
-    return dim, round(100 * r.top1, 2)
+    return dim, white, round(100 * r.top1, 2)
 
 
 def run_seed(encoder: Path) -> int:
@@ -74,6 +80,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="embed at this input size instead of the encoder's own")
     ap.add_argument("--train", default="fashion-mnist:train", help="gallery images (a data set or a folder with class subfolders)")
     ap.add_argument("--test", default="fashion-mnist:test", help="query images")
+    ap.add_argument("--train-count", type=int, default=None, help="a gallery of this many evenly spaced training images (a small collection)")
+    ap.add_argument("--whiten", choices=("always", "rule"), default="always",
+                    help="rule: whiten only where encoders would (10 gallery images a dimension), plain features otherwise")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     loaded: dict[int, tuple] = {}
@@ -92,6 +101,9 @@ def main() -> None:
             if size not in loaded:  # (a data set comes at its own size; a folder is decoded at the encoder's)
                 loaded[size] = (load_images(args.train, size, enc.spec.in_channels), load_images(args.test, size, enc.spec.in_channels))
             train, test = loaded[size]
+            if args.train_count:
+                step = max(1, len(train) // args.train_count)
+                train = type(train)(train.images[::step][: args.train_count], train.labels[::step][: args.train_count], train.classes, [], "")
             start = time.perf_counter()
             feats = {}
             for split, data in (("train", train), ("test", test)):
@@ -103,9 +115,11 @@ def main() -> None:
             for variant in args.variant or VARIANTS:
                 blocks = VARIANTS[variant]
                 for flip in (False,) if args.no_flip else (False, True):
-                    dim, top1 = evaluate(feats["train"], feats["test"], train.labels, test.labels, len(train.classes), blocks, flip)
+                    dim, white, top1 = evaluate(feats["train"], feats["test"], train.labels, test.labels, len(train.classes), blocks,
+                                                flip, args.whiten)
                     row = {"encoder": name, "seed": seed, "untrained": untrained, "size": enc.spec.image_size, "variant": variant,
-                           "flip": flip, "dim": dim, "knn200_whitened": top1, "embed_s": round(seconds, 1)}
+                           "flip": flip, "gallery": len(train), "dim": dim, "whitened": white, "knn200": top1,
+                           "embed_s": round(seconds, 1)}
                     print(row, flush=True)
                     rows.append(row)
     write_report({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, args.json, show=False)
