@@ -41,6 +41,7 @@ from retrieval.anomaly import auroc  # noqa: E402
 from retrieval.anomaly_eval import _slug  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
+from simclr.pooling import stage_maps  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "anomaly_layers"
 STRICT_DIRS = {"strict-m10": ROOT / "bench" / "out" / "strict-m10"}
@@ -63,12 +64,7 @@ def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch
         x = enc.preprocess(images[s : s + batch])
         if flip:
             x = x.flip(3)
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x.contiguous(memory_format=torch.channels_last)))))
-        x = b.layer1(x)
-        maps = {}
-        for i in (2, 3, 4):
-            x = getattr(b, f"layer{i}")(x)
-            maps[i] = x
+        maps = dict(zip((2, 3, 4), stage_maps(b, x.contiguous(memory_format=torch.channels_last))))
         for i in (2, 3, 4):
             out[f"l{i}"].append(maps[i].mean((2, 3)).float())
         for i in (2, 3, 4):

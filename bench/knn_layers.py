@@ -3,12 +3,14 @@
 The index embeds an image as the backbone's globally pooled last-stage features, whitened. For
 the small-stem network B of BENCHMARKS.md (width 16, 28 px) that is a 128-d vector, against 784
 pixels for whitened raw pixels. This study embeds the same encoders with earlier stages'
-features too (globally pooled, or pooled to 2 x 2 so that layout survives), concatenated,
+features too (globally pooled, or pooled to 2 x 2 or 4 x 4 so that layout survives), concatenated,
 each block scaled to one variance before a whitening fit on evenly spaced training images
 (as ``Encoder.fit_whitening``), then L2-normalised; weighted kNN (k = 200, T = 0.07) of the
 Fashion-MNIST test images against the training images (or ``--train``/``--test`` folders), for each encoder and for its
 untrained control (the same architecture at the initial weights of the run's seed, read from
-the checkpoint beside the encoder; seed 0 without one)::
+the checkpoint beside the encoder; seed 0 without one). ``--train-count N --whiten rule`` asks
+what a small collection gets: a gallery of N evenly spaced training images, whitened only
+where encoders would whiten::
 
     .venv/bin/python bench/knn_layers.py --encoder B10=bench/out/budget/run-1795531981-0/encoder.pt \\
         --json bench/out/knn_layers.json
@@ -34,6 +36,7 @@ from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
 from simclr.models import build_backbone  # noqa: E402
+from simclr.training_data import evenly_spaced_positions, subset  # noqa: E402
 from simclr.whitening import can_whiten, evenly_spaced, fit_sample_size, fit_whitening  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -102,8 +105,9 @@ def main() -> None:
                 loaded[size] = (load_images(args.train, size, enc.spec.in_channels), load_images(args.test, size, enc.spec.in_channels))
             train, test = loaded[size]
             if args.train_count:
-                step = max(1, len(train) // args.train_count)
-                train = type(train)(train.images[::step][: args.train_count], train.labels[::step][: args.train_count], train.classes, [], "")
+                keep = torch.zeros(len(train), dtype=torch.bool)
+                keep[evenly_spaced_positions(len(train), args.train_count)] = True
+                train = subset(train, keep)
             start = time.perf_counter()
             feats = {}
             for split, data in (("train", train), ("test", test)):

@@ -56,16 +56,20 @@ def pooled_dim(backbone: nn.Module, pooling: str) -> int:
     return g2 * g2 * c[1] + g3 * g3 * c[2] + c[3]
 
 
+def stage_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The feature maps of a torchvision ResNet's stages 2, 3 and 4 for normalised images ``x``."""
+    b = backbone
+    x2 = b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))
+    x3 = b.layer3(x2)
+    return x2, x3, b.layer4(x3)
+
+
 def pooled_features(backbone: nn.Module, x: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, D) features of normalised images ``x`` (B, C, H, W) under ``pooling``."""
     if pooling == "global":
         return backbone(x)
     check_pooling(pooling)
-    b = backbone
-    x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
-    x2 = b.layer2(x)
-    x3 = b.layer3(x2)
-    x4 = b.layer4(x3)
+    x2, x3, x4 = stage_maps(backbone, x)
     g2, g3 = GRIDS[pooling]
     return torch.cat(
         [F.adaptive_avg_pool2d(x2, g2).flatten(1), F.adaptive_avg_pool2d(x3, g3).flatten(1), x4.mean((2, 3))], 1
