@@ -1,18 +1,16 @@
-import colorsys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms.functional import rotate
+from torchvision.transforms.functional import adjust_hue, rotate
 
 from simclr.augment import (
     AugmentConfig,
     BatchAugment,
+    crop_grid,
     crop_params,
-    hsv_to_rgb,
-    rgb_to_hsv,
     rotated,
+    shift_hue,
 )
 from simclr.errors import SimCLRError
 
@@ -74,12 +72,30 @@ def test_no_op_config_only_resizes() -> None:
     assert torch.allclose(out, x.float() / 255, atol=1e-5)
 
 
-def test_hsv_round_trip_matches_colorsys() -> None:
-    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
-    hsv = rgb_to_hsv(x)
-    r, g, b = x[0, :, 1, 2].tolist()
-    assert hsv[0, :, 1, 2].tolist() == pytest.approx(list(colorsys.rgb_to_hsv(r, g, b)), abs=1e-5)
-    assert torch.allclose(hsv_to_rgb(hsv), x, atol=1e-5)
+@pytest.mark.parametrize("shift", [-0.5, -0.2, 0.0, 0.1, 0.45])
+def test_hue_shift_matches_torchvision(shift: float) -> None:
+    # Shifts past either end of the circle included: the hue must wrap, as adjust_hue's does.
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    x[0, :, 0, 0] = 0.5  # a grey pixel: no hue, unchanged
+    x[0, :, 0, 1] = torch.tensor([0.9, 0.2, 0.9])  # two channels tied for the maximum
+    ours = shift_hue(x, torch.full((2,), shift))
+    assert torch.allclose(ours, adjust_hue(x, shift), atol=1e-5)
+    assert torch.allclose(ours[0, :, 0, 0], torch.full((3,), 0.5))
+
+
+def test_hue_shift_is_drawn_per_sample() -> None:
+    x = torch.rand(3, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    shifts = torch.tensor([0.3, -0.1, 0.0])
+    ours = shift_hue(x, shifts)
+    for i, shift in enumerate(shifts.tolist()):
+        assert torch.allclose(ours[i], adjust_hue(x[i], shift), atol=1e-5)
+
+
+def test_crop_grid_matches_affine_grid() -> None:
+    g = torch.Generator().manual_seed(3)
+    theta = crop_params(6, 40, 30, AugmentConfig(size=16, rotation=30.0), g, torch.device("cpu"))
+    assert theta[:, 0, 1].abs().max() > 0  # rotated crops: the off-diagonal terms count too
+    assert torch.allclose(crop_grid(theta, 16), F.affine_grid(theta, [6, 3, 16, 16], align_corners=False), atol=1e-6)
 
 
 def test_grayscale_probability_one_gives_equal_channels() -> None:

@@ -166,17 +166,20 @@ def test_a_bf16_step_on_the_cpu_matches_fp32(image_folder: Path, tmp_path: Path)
     nearly the same loss and gradient, and the weights stay float32 (autocast computes in bf16;
     it does not store in it)."""
     steps = {}
-    for precision in ("fp32", "bf16"):
-        trainer = Trainer(_cfg(image_folder, tmp_path / precision, precision=precision, device="cpu"))
-        loss = trainer.train_step(trainer.images[:16], torch.Generator().manual_seed(0))
+    for precision, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
+        trainer = Trainer(_cfg(image_folder, tmp_path / f"{precision}-{seed}", precision=precision, device="cpu"))
+        loss = trainer.train_step(trainer.images[:16], torch.Generator().manual_seed(seed))
         grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-        steps[precision] = (loss.item(), grad)
-    (loss32, grad32), (loss16, grad16) = steps["fp32"], steps["bf16"]
+        steps[precision, seed] = (loss.item(), grad)
+    (loss32, grad32), (loss16, grad16) = steps["fp32", 0], steps["bf16", 0]
     assert math.isfinite(loss16) and abs(loss16 - loss32) < 0.02 * loss32
-    # bf16 keeps 8 bits of mantissa: in this width-8 network the gradients agree to a cosine
-    # of 0.88 (0.97+ in the head, 0.85 at the stem); a wrong bf16 path would be near 0.
-    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.8
+    # bf16 keeps 8 bits of mantissa: in this width-8 network the gradients agree to a cosine of
+    # 0.80-0.95 over seeds of the views; the same step on other views (what a wrong bf16 path
+    # amounts to) agrees to -0.2-0.2.
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(grad16, grad32, dim=0) > 0.6
+    assert abs(cosine(steps["fp32", 1][1], grad32, dim=0)) < 0.4
 
 
 def test_a_multi_crop_step_feeds_small_crops_beside_the_full_views(image_folder: Path, tmp_path: Path) -> None:
