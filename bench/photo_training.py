@@ -34,8 +34,8 @@ from simclr.train import Trainer
 class TwoViews(Dataset):
     """Files decoded by PIL, two torchvision-augmented views each (SimCLR's recipe)."""
 
-    def __init__(self, paths: list[str], size: int, mean: list[float], std: list[float], s: float = 0.5):
-        self.paths = paths
+    def __init__(self, paths: list[str], size: int, load: int, mean: list[float], std: list[float], s: float = 0.5):
+        self.paths, self.load = paths, load
         self.t = T.Compose([
             T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
             T.RandomHorizontalFlip(),
@@ -49,7 +49,7 @@ class TwoViews(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):  # noqa: ANN204
-        im = open_image(self.paths[i])
+        im = open_image(self.paths[i], size=self.load)  # decoded as (b) decodes: no smaller than its load size
         return self.t(im), self.t(im)
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     views = torch.randn(2 * b, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     order = trainer._batch_order(0)
     paths = [p.decode() for p in source.paths]
-    loader = DataLoader(TwoViews(paths, size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
+    loader = DataLoader(TwoViews(paths, size, source.size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
                         num_workers=source.workers, drop_last=True, prefetch_factor=4 if source.workers else None)
     live: dict[str, object] = {}
 

@@ -98,7 +98,7 @@ class _Files(Dataset):
         if digest in self.skip:
             return i, None, None, digest, None
         try:
-            im = open_image(data, self.channels)
+            im = open_image(data, self.channels, self.size)
             return i, pil_to_tensor(resize_center_crop(im, self.size)), thumbnail(im), digest, None
         except ImageReadError as exc:
             return i, None, None, digest, str(exc).replace("image bytes", str(path), 1)

@@ -54,9 +54,11 @@ class ItemSource:
         head, _, n = self.refs[item_id].rpartition(":")
         return head in self.datasets and n.isdigit()
 
-    def open(self, item_id: int) -> Image.Image:
+    def open(self, item_id: int, size: int | None = None) -> Image.Image:
         """The item's image at its own size: ``"RGB"`` for files, the data set's own mode
-        (``"L"`` for Fashion-MNIST) for data-set items.
+        (``"L"`` for Fashion-MNIST) for data-set items. With ``size``, a large JPEG may come
+        decoded at a reduced scale that keeps both sides at ``size`` or more (see
+        :func:`simclr.images.open_image`).
 
         Raises:
             RetrievalError: the id is not in the index, the file lies outside the index's
@@ -67,7 +69,7 @@ class ItemSource:
             head, _, n = self.refs[item_id].rpartition(":")
             return self._dataset_image(head, int(n))
         try:
-            return open_image(path, channels=3)
+            return open_image(path, channels=3, size=size)
         except UserError as exc:
             raise RetrievalError(f"item {item_id}: {exc}") from None
 

@@ -63,8 +63,12 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in image_extensions()
 
 
-def open_image(source: str | Path | bytes, channels: int = 3) -> Image.Image:
-    """Open and fully decode an image as 8-bit ``"L"`` (channels=1) or ``"RGB"`` (channels=3).
+def open_image(source: str | Path | bytes, channels: int = 3, size: int | None = None) -> Image.Image:
+    """Open and decode an image as 8-bit ``"L"`` (channels=1) or ``"RGB"`` (channels=3).
+
+    ``size``: the side the caller will shrink the image to. A JPEG at least twice as large is
+    then decoded at a reduced scale (1/2, 1/4 or 1/8, in the codec, far faster) that keeps both
+    sides at ``size`` or more, so the later resize still only shrinks. Without it, full size.
 
     Raises:
         ImageReadError: the file is missing (or a symbolic link to nothing), not an image,
@@ -85,9 +89,8 @@ def open_image(source: str | Path | bytes, channels: int = 3) -> Image.Image:
             )
         if width == 0 or height == 0:
             raise ImageReadError(f"{name}: image has no pixels ({width}x{height})")
-        if im.format == "JPEG":
-            # Decode big JPEGs at reduced scale directly: far faster, same result after resizing.
-            im.draft(im.mode, (max(64, width // 8), max(64, height // 8)))
+        if size is not None and im.format == "JPEG":
+            im.draft(im.mode, (size, size))  # Pillow keeps each side >= the size it is given
         im.load()
         im = ImageOps.exif_transpose(im)
         return _to_8bit(im, channels)
@@ -154,7 +157,7 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
 
 def read_image(source: str | Path | bytes, size: int, channels: int = 3) -> torch.Tensor:
     """Decode an image file into a uint8 tensor of shape (channels, size, size)."""
-    return pil_to_tensor(resize_center_crop(open_image(source, channels), size))
+    return pil_to_tensor(resize_center_crop(open_image(source, channels, size), size))
 
 
 def image_to_tensor(im: Image.Image, size: int, channels: int = 3) -> torch.Tensor:

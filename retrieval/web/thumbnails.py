@@ -41,7 +41,7 @@ class ItemImages:
             if item_id in self._cache:
                 self._cache.move_to_end(item_id)
                 return self._cache[item_id]
-        im = self.source.open(item_id)
+        im = self.source.open(item_id, THUMBNAIL)
         im.thumbnail((THUMBNAIL, THUMBNAIL))
         with self._lock:
             self._cache[item_id] = im

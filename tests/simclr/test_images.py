@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from simclr.data import load_folder, scan_folder
-from simclr.images import ImageReadError, image_extensions, open_image, read_image
+from simclr.images import ImageReadError, image_extensions, open_image, pil_to_tensor, read_image, resize_center_crop
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -105,3 +105,25 @@ def test_bytes_and_a_file_decode_alike(tmp_path: Path) -> None:
     assert torch.equal(t, read_image(buf.getvalue(), 24))
     # Shorter side to 24, centre crop: columns 8..32 of the original.
     assert torch.equal(t, torch.from_numpy(np.asarray(im)[:, 8:32].transpose(2, 0, 1).copy()))
+
+
+def _smooth_jpeg(width: int, height: int) -> bytes:
+    noise = np.random.default_rng(3).integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    im = Image.fromarray(noise).resize((width, height), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("width", "height", "size"), [(1024, 768, 256), (640, 480, 224), (1600, 1200, 96), (130, 130, 73)])
+def test_a_large_jpeg_is_decoded_small_but_never_below_the_size_asked_for(width: int, height: int, size: int) -> None:
+    # The codec's reduced-scale decode is a shortcut for the shrink that follows: the result must
+    # stay the full decode's, shrunk (a decode below the size, then enlarged, is blurred).
+    data = _smooth_jpeg(width, height)
+    reference = pil_to_tensor(resize_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), size)).float()
+    assert (read_image(data, size).float() - reference).abs().mean() < 2.5  # the codec filters a little differently
+    opened = open_image(data, size=size)
+    assert min(opened.size) >= size
+    if min(width, height) >= 2 * size:
+        assert min(opened.size) < min(width, height)  # the shortcut was taken
+    assert open_image(data).size == (width, height)  # no size asked for: full size
