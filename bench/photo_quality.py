@@ -5,7 +5,8 @@ against the controls under the same evaluation:
 - the same architecture untrained (its random weights, whitened on the training images, as
   training would whiten them), at the same resolution;
 - raw pixels at the same resolution (weighted cosine kNN on the centred pixels, plain and
-  PCA-whitened to 512 dimensions).
+  PCA-whitened to 512 dimensions, and that again on each image averaged with its mirror image,
+  as encoders with ``flip_average`` embed).
 
     python bench/make_photos.py bench/out/photos
     python bench/photo_quality.py --data bench/out/photos --minutes 10,30 --json bench/out/photo_quality.json
@@ -103,25 +104,30 @@ def pixels(data: Path, size: int) -> dict:
         return score_predictions(weighted_vote(sims, g_labels[idx], classes, t), q_labels, classes)
 
     train, test = load_folder(data / "train", size), load_folder(data / "test", size)
-    mean = train.images[::10].flatten(1).float().mean(0) / 255
+    out = {"image_size": size, "dims": train.images[0].numel()}
+    for name, mirror in (("", False), ("_flip_averaged", True)):
+        # Pixels are their own features: averaging an image's and its mirror's is averaging the
+        # image with its mirror image.
+        g_images, q_images = (((x.float() + x.flip(-1).float()) / 2) if mirror else x for x in (train.images, test.images))
+        mean = g_images[::10].flatten(1).float().mean(0) / 255
 
-    def rows(images: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001
-        return torch.cat([fn(images[i : i + 1000].flatten(1).float() / 255 - mean) for i in range(0, len(images), 1000)])
+        def rows(images: torch.Tensor, fn, mean: torch.Tensor = mean) -> torch.Tensor:  # noqa: ANN001
+            return torch.cat([fn(images[i : i + 1000].flatten(1).float() / 255 - mean) for i in range(0, len(images), 1000)])
 
-    unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
-    out = {"image_size": size, "dims": int(mean.numel())}
-    plain = knn_evaluate(rows(test.images, unit), test.labels, rows(train.images, unit), train.labels,
-                         len(train.classes), 200, 0.07)
-    out["plain_top1"] = round(100 * plain.top1, 2)
-    # The principal axes of 4,000 evenly spaced training images.
-    sample = train.images[:: max(1, len(train) // 4000)].flatten(1).float() / 255 - mean
-    _, _, vh = torch.linalg.svd(sample, full_matrices=False)
-    axes = vh[:512].T.contiguous()
-    gp, qp = rows(train.images, lambda x: x @ axes), rows(test.images, lambda x: x @ axes)
-    w_mean, w = fit_whitening(gp[:: max(1, len(gp) // 10000)])
-    white = knn_evaluate(unit((qp - w_mean) @ w), test.labels, unit((gp - w_mean) @ w), train.labels,
-                         len(train.classes), 200, 0.07)
-    out["pca512_whitened_top1"] = round(100 * white.top1, 2)
+        unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+        if not mirror:
+            plain = knn_evaluate(rows(q_images, unit), test.labels, rows(g_images, unit), train.labels,
+                                 len(train.classes), 200, 0.07)
+            out["plain_top1"] = round(100 * plain.top1, 2)
+        # The principal axes of 4,000 evenly spaced training images.
+        sample = g_images[:: max(1, len(train) // 4000)].flatten(1).float() / 255 - mean
+        _, _, vh = torch.linalg.svd(sample, full_matrices=False)
+        axes = vh[:512].T.contiguous()
+        gp, qp = rows(g_images, lambda x: x @ axes), rows(q_images, lambda x: x @ axes)
+        w_mean, w = fit_whitening(gp[:: max(1, len(gp) // 10000)])
+        white = knn_evaluate(unit((qp - w_mean) @ w), test.labels, unit((gp - w_mean) @ w), train.labels,
+                             len(train.classes), 200, 0.07)
+        out[f"pca512_whitened{name}_top1"] = round(100 * white.top1, 2)
     return out
 
 

@@ -31,6 +31,7 @@ class EncoderInfo:
     image_size: int | None = None
     feature_dim: int | None = None
     pooling: str = ""  # how the backbone's maps were pooled (simclr.pooling; "" before it was recorded: global)
+    flip_average: bool = False  # features averaged with the mirror image's (simclr.encoder)
     trained_on: str = ""
     source_path: str | None = None  # where the encoder was copied from
     file: str = ""  # its copy in the folder (the writer chooses the name)

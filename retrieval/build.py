@@ -202,7 +202,8 @@ def _encoder_summary(encoder: Encoder) -> EncoderInfo:
     spec = encoder.spec
     return EncoderInfo(
         arch=spec.arch, stem=spec.stem, width=spec.width, in_channels=spec.in_channels,
-        image_size=spec.image_size, feature_dim=spec.feature_dim, pooling=spec.pooling, trained_on=spec.trained_on,
+        image_size=spec.image_size, feature_dim=spec.feature_dim, pooling=spec.pooling, flip_average=spec.flip_average,
+        trained_on=spec.trained_on,
         source_path=str(encoder.path.resolve()) if encoder.path else None, file=ENCODER_FILE,
     )
 

@@ -75,7 +75,8 @@ def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
         path=str(store.path), items=m.count, classes=len(m.classes), index_type=m.factory, dimension=m.dim,
         metric=m.metric, sources=list(m.sources),
         encoder=f"{e.arch or '?'} ({e.stem or '?'} stem, width {e.width or '?'}, {e.image_size or '?'}px, "
-                f"{e.in_channels or '?'}ch, {e.pooling or 'global'} pooling{whitened})",
+                f"{e.in_channels or '?'}ch, {e.pooling or 'global'} pooling{', mirror-averaged' if e.flip_average else ''}"
+                f"{whitened})",
         encoder_sha256=m.encoder_sha256, trained_on=e.trained_on, created=m.created_at, updated=m.updated_at,
         anomaly=anomaly, duplicates=_duplicates(m.duplicates, stored_thumbnails(store) is not None), search=_search(m.search), lists=_lists(m.centroids),
     )

@@ -62,13 +62,15 @@ def whiten_on(encoder: Encoder, coll: Collection, max_images: int | None = None,
 
 def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | Path | None = None,
              shrinkage: float | None = None, max_images: int | None = None, remove: bool = False,
-             device: str = "auto", workers: int | None = None, pooling: str | None = None) -> tuple[Path, WhiteningFit | None]:
+             device: str = "auto", workers: int | None = None, pooling: str | None = None,
+             flip_average: bool | None = None) -> tuple[Path, WhiteningFit | None]:
     """Write a copy of ``encoder`` whitened on a sample of ``data`` (streamed: a folder larger than
     memory is fine), or, with ``remove``, without any whitening; returns the new file (default:
     ``NAME-whitened.pt`` / ``NAME-plain.pt`` beside it) and how the fit went. For encoders trained with
     ``--no-whiten`` or before whitening existed; the old file, and indexes built with it, stay.
     ``pooling`` also switches how the copy pools its features (:mod:`simclr.pooling`): the same
-    weights, another embedding, whitened for it.
+    weights, another embedding, whitened for it; ``flip_average`` likewise switches the averaging of
+    each image's features with its mirror image's.
 
     Raises:
         RetrievalError: the target exists (nothing is written), ``max_images`` < 1, or too few
@@ -87,6 +89,8 @@ def rewhiten(encoder: str | Path, data: str = "fashion-mnist:train", out: str | 
             enc.set_pooling(pooling)
         except SimCLRError as exc:
             raise RetrievalError(f"--pooling: {exc}") from None
+    if flip_average is not None:
+        enc.set_flip_average(flip_average)
     if remove:
         enc.set_whitening(None, None)
     else:

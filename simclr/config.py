@@ -22,8 +22,13 @@ from simclr.whitening import DEFAULT_SHRINKAGE
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
-     "whiten", "whiten_shrinkage", "pooling", "loader", "memory_budget_gb", "loader_workers", "save_minutes"}
+     "whiten", "whiten_shrinkage", "pooling", "flip_average", "loader", "memory_budget_gb", "loader_workers",
+     "save_minutes"}
 )
+# Resumable fields that change what the encoder file holds: a resumed run keeps its own unless it
+# is given again (a profile's default may have changed since), and a checkpoint written before
+# the option existed gets the value it was written with.
+EMBEDDING_OPTIONS = {"pooling": "global", "flip_average": False}
 # Options that older versions wrote into checkpoints and no longer exist; loading such a
 # configuration drops them. (``workers``: the trainer never used it; streaming has ``loader_workers``.)
 OBSOLETE_OPTIONS = frozenset({"workers"})
@@ -38,7 +43,10 @@ PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}  # also what ImageNet weights are fe
 # embedding with the spatial pyramid of its stages, which keeps where an object's parts are
 # (BENCHMARKS.md, "The spatial pyramid": on the photo-like set, kNN top-1 27.3% after 10 minutes
 # where the former profile, width 64 at 96 px, got 14.8%).
-CPU_PHOTO_NETWORK = {"width": 32, "image_size": 64, "pooling": "pyramid"}
+# Its embedding averages each image's features with its mirror image's (the views were flipped
+# half the time in training): a pyramid's cells keep left and right apart, so a mirrored object
+# otherwise lands elsewhere (BENCHMARKS.md, "Mirror-averaged embeddings").
+CPU_PHOTO_NETWORK = {"width": 32, "image_size": 64, "pooling": "pyramid", "flip_average": True}
 # Colour jitter and blur: the grayscale demo's searched values for small images; SimCLR's
 # ImageNet values for photos, whose colour is otherwise the easiest thing to tell views apart by
 # (BENCHMARKS.md, "Photo collections").
@@ -50,13 +58,13 @@ PHOTO_AUGMENT = {"jitter_strength": 1.0, "blur_p": 0.5}
 # keep ResNet's standard stem (7x7/2 + max-pool), made for them.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"stem": "standard", "width": 64, "minutes": 10.0, "batch_size": 256, "knn_every": 5,
-            "image_size": SMALL_IMAGE_SIZE, "pooling": "global", **SMALL_IMAGE_AUGMENT},
+            "image_size": SMALL_IMAGE_SIZE, "pooling": "global", "flip_average": False, **SMALL_IMAGE_AUGMENT},
     "cpu-photos": {"stem": "standard", "minutes": 10.0, "batch_size": 128, "knn_every": 0,
                    **CPU_PHOTO_NETWORK, **PHOTO_AUGMENT},
     "cuda": {"stem": "small", "width": 64, "epochs": 200, "batch_size": 512, "knn_every": 10,
-             "image_size": SMALL_IMAGE_SIZE, "pooling": "global", **SMALL_IMAGE_AUGMENT},
+             "image_size": SMALL_IMAGE_SIZE, "pooling": "global", "flip_average": False, **SMALL_IMAGE_AUGMENT},
     "cuda-photos": {"stem": "standard", "width": 64, "epochs": 100, "batch_size": 512, "knn_every": 10,
-                    "image_size": PHOTO_IMAGE_SIZE["cuda"], "pooling": "global", **PHOTO_AUGMENT},
+                    "image_size": PHOTO_IMAGE_SIZE["cuda"], "pooling": "global", "flip_average": False, **PHOTO_AUGMENT},
 }
 
 
@@ -88,6 +96,9 @@ class TrainConfig:
     # How the encoder pools the backbone's maps into its embedding (simclr.pooling); None: by
     # device and kind of data (PROFILES).
     pooling: str | None = None
+    # Embed each image as the mean of its own and its mirror image's pooled features (twice the
+    # embedding work); None: by device and kind of data (PROFILES).
+    flip_average: bool | None = None
     head: str = "mlp"
     head_hidden: int = 512
     head_out: int = 128

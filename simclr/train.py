@@ -21,7 +21,7 @@ from common.errors import first_line
 from simclr import dist, whitening
 from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
-from simclr.config import RESUMABLE_CHANGES, TrainConfig
+from simclr.config import EMBEDDING_OPTIONS, RESUMABLE_CHANGES, TrainConfig
 from simclr.data import default_eval_split, load_images
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
@@ -99,10 +99,10 @@ class Trainer:
                     "drop those options to resume it, or train into another --out folder"
                 )
             changes = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
-            if "pooling" not in (explicit or ()):
-                # The run keeps its embedding unless told otherwise (a profile's default may have
-                # changed since); checkpoints written before the option pooled globally.
-                changes["pooling"] = saved.pooling or "global"
+            for name, before in EMBEDDING_OPTIONS.items():
+                if name not in (explicit or ()):
+                    kept = getattr(saved, name)
+                    changes[name] = before if kept is None else kept
             cfg = saved.replace(**changes)
         elif self.ckpt_path.exists():
             raise SimCLRError(
@@ -450,7 +450,7 @@ class Trainer:
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
             image_size=self.cfg.image_size, feature_dim=self.embed_dim,
             mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data, train_config=self.cfg.to_dict(),
-            pooling=self.cfg.pooling,
+            pooling=self.cfg.pooling, flip_average=self.cfg.flip_average,
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
         if self.whiten:

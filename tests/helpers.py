@@ -43,7 +43,8 @@ def make_folder(root: Path, per_class: int = 16, seed: int = 0, size: int = 32) 
 TINY = dict(arch="resnet18", width=8, stem="small", image_size=16, batch_size=16, head_hidden=32,
             head_out=16, epochs=1, knn_every=0, progress=False, log_every=1,
             optimizer="adamw", lr=2e-3, lr_scaling="none", crop_min=0.5, jitter_strength=0.2, temperature=0.5,
-            pooling="global")  # (a folder's CPU default, pyramid, is tested in tests/simclr/test_pooling.py)
+            pooling="global", flip_average=False)
+# (a folder's CPU defaults, the pyramid and mirror-averaging, are tested in tests/simclr/test_pooling.py)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

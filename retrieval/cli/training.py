@@ -28,6 +28,7 @@ def train(
     in_channels: Annotated[Optional[int], typer.Option(help="Input channels (default: the data's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: 32 for data sets; for folders of photos 64 on a CPU, 224 on a GPU). The encoder records it; indexing embeds at it.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Embedding: global (the last stage, averaged), multiscale (stages 2 and 3 on a 2x2 grid beside it) or pyramid (stage 2 on 4x4, stage 3 on 2x2, beside it). Default: pyramid for folders on a CPU, global otherwise (BENCHMARKS.md). A resumed run keeps its own unless given.")] = None,
+    flip_average: Annotated[Optional[bool], typer.Option("--flip-average/--no-flip-average", help="Embed each image as the mean of its own and its mirror image's features (twice the embedding time; mirror images get one embedding). Default: on for folders on a CPU (BENCHMARKS.md). A resumed run keeps its own unless given.")] = None,
     head: Annotated[Optional[str], typer.Option(help="Projection head: mlp, linear, none.")] = None,
     head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the MLP head.")] = None,
     head_out: Annotated[Optional[int], typer.Option(help="Output dimension of the head.")] = None,
@@ -103,6 +104,7 @@ def whiten(
     max_images: Annotated[Optional[int], typer.Option(help="Images sampled from --data to fit it (default 10,000, or 10 per feature dimension if more).")] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Write the encoder without any whitening instead.")] = False,
     pooling: Annotated[Optional[str], typer.Option(help="Also switch the copy's embedding: global (the last stage, averaged), multiscale (stages 2 and 3 on a 2x2 grid beside it) or pyramid (stage 2 on 4x4, stage 3 on 2x2).")] = None,
+    flip_average: Annotated[Optional[bool], typer.Option("--flip-average/--no-flip-average", help="Also switch the copy's averaging of each image's features with its mirror image's.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Write a copy of an encoder whose embeddings are PCA-whitened (what training does by default);
@@ -111,7 +113,8 @@ def whiten(
     from retrieval.embed import skipped_lines
     from retrieval.pretrained import rewhiten
 
-    target, fit = rewhiten(encoder, data, out, shrinkage, max_images, remove, device, pooling=pooling)
+    target, fit = rewhiten(encoder, data, out, shrinkage, max_images, remove, device, pooling=pooling,
+                           flip_average=flip_average)
     for line in skipped_lines(fit.failures if fit else []):
         typer.echo(line, err=True)
     fitted = f" (fit on {fit.images} images)" if fit else ""

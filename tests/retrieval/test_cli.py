@@ -187,6 +187,12 @@ def test_whiten_writes_a_new_encoder_and_keeps_the_old(tiny_encoder: Path, image
     r = run("whiten", tmp_path / "w.pt", "--pooling", "max", "--out", tmp_path / "bad.pt")
     assert r.exit_code == 1 and "--pooling: unknown pooling 'max'; known: global, multiscale, pyramid" in r.output
     assert not (tmp_path / "bad.pt").exists()
+    # --flip-average: the same weights, features averaged with the mirror image's.
+    r = run("whiten", tmp_path / "w.pt", "--flip-average", "--remove", "--out", tmp_path / "f.pt")
+    flipped = Encoder.load(tmp_path / "f.pt")
+    assert r.exit_code == 0, r.output
+    assert (flipped.spec.flip_average, flipped.whitened) == (True, False) and not plain.spec.flip_average
+    assert torch.allclose(flipped.features(x), (plain.features(x) + plain.features(x.flip(-1))) / 2, atol=1e-5)
 
 
 def test_a_folder_without_images_is_reported_and_the_other_queries_answered(tiny_index: Path, image_folder: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""How the encoder pools the backbone's maps: global, or multi-scale (stages 2 and 3 on a grid)."""
+"""How the encoder pools the backbone's maps (global, or stages 2 and 3 on a grid beside the last),
+and averages an image's features with its mirror image's."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -66,34 +67,60 @@ def test_the_cpu_recipe_s_embedding_is_512_d() -> None:
 @pytest.mark.parametrize("pooling,grids", [("multiscale", (2, 2)), (None, (4, 2))])
 def test_a_run_writes_an_encoder_that_embeds_with_its_pooling(image_folder: Path, tmp_path: Path, pooling: str | None,
                                                               grids: tuple[int, int]) -> None:
-    # None: a folder's default on a CPU (the photo profile), the pyramid
-    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), **{**TINY, "pooling": pooling})
+    # None: a folder's defaults on a CPU (the photo profile), the pyramid, averaged with the
+    # mirror image's
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"),
+                      **{**TINY, "pooling": pooling, "flip_average": None if pooling is None else False})
     enc = Encoder.load(train(cfg).encoder)
     name = pooling or "pyramid"
     assert enc.spec.pooling == name and enc.dim == pooled_dim(enc.backbone, name)
+    assert enc.spec.flip_average == (pooling is None)
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     feats = enc.features(x)
-    assert torch.allclose(feats, naive_pooled(enc.backbone, enc.preprocess(x), grids), atol=1e-5)
+    naive = naive_pooled(enc.backbone, enc.preprocess(x), grids)
+    if enc.spec.flip_average:
+        naive = (naive + naive_pooled(enc.backbone, enc.preprocess(x).flip(-1), grids)) / 2
+    assert torch.allclose(feats, naive, atol=1e-5)
     emb = enc.embed(x)
     assert emb.shape == (5, enc.dim) and torch.allclose(emb.norm(dim=1), torch.ones(5))
 
 
-def test_a_resumed_run_keeps_its_pooling_unless_told_otherwise(image_folder: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), **{**TINY, "pooling": "multiscale"})
+def test_a_mirror_averaged_encoder_embeds_an_image_and_its_mirror_alike(tiny_encoder: Path, tmp_path: Path) -> None:
+    plain = Encoder.load(tiny_encoder)
+    mirrored = Encoder.load(tiny_encoder)
+    mirrored.set_flip_average(True)
+    x = torch.randint(0, 256, (4, 3, 20, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert torch.allclose(mirrored.features(x), (plain.features(x) + plain.features(x.flip(-1))) / 2, atol=1e-6)
+    assert torch.allclose(mirrored.embed(x), mirrored.embed(x.flip(-1)), atol=1e-5)
+    assert not torch.allclose(plain.embed(x), plain.embed(x.flip(-1)), atol=1e-3)  # what the averaging adds
+    mirrored.save(tmp_path / "m.pt")
+    assert Encoder.load(tmp_path / "m.pt").spec.flip_average
+    # files written before the option embed each image as it is
+    obj = safe_load(tiny_encoder)
+    del obj["spec"]["flip_average"]
+    atomic_save(obj, tmp_path / "old.pt")
+    assert not Encoder.load(tmp_path / "old.pt").spec.flip_average
+
+
+def test_a_resumed_run_keeps_its_embedding_unless_told_otherwise(image_folder: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"),
+                      **{**TINY, "pooling": "multiscale", "flip_average": False})
     train(cfg)
-    more = {k: v for k, v in TINY.items() if k != "pooling"}
-    # a folder's CPU default is pyramid: resuming without --pooling keeps the run's own
+    more = {k: v for k, v in TINY.items() if k not in ("pooling", "flip_average")}
+    # a folder's CPU defaults are the pyramid, mirror-averaged: resuming without the options
+    # keeps the run's own
     resumed = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **more), resume=True, explicit=set(more))
-    assert resumed.cfg.pooling == "multiscale"
-    told = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **{**more, "pooling": "pyramid"}), resume=True,
-                   explicit={*more, "pooling"})
-    assert told.cfg.pooling == "pyramid"
-    # a checkpoint from before the option pooled globally
+    assert (resumed.cfg.pooling, resumed.cfg.flip_average) == ("multiscale", False)
+    told = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **{**more, "pooling": "pyramid", "flip_average": True}),
+                   resume=True, explicit={*more, "pooling", "flip_average"})
+    assert (told.cfg.pooling, told.cfg.flip_average) == ("pyramid", True) and told.encoder().spec.flip_average
+    # a checkpoint from before the options pooled globally and embedded each image as it is
     state = safe_load(tmp_path / "run" / CHECKPOINT)
-    del state["config"]["pooling"]
+    del state["config"]["pooling"], state["config"]["flip_average"]
     atomic_save(state, tmp_path / "run" / CHECKPOINT)
     old = Trainer(TrainConfig(data=str(image_folder), out=cfg.out, **more), resume=True, explicit=set(more))
-    assert old.cfg.pooling == "global" and old.embed_dim == pooled_dim(old.encoder().backbone, "global")
+    assert (old.cfg.pooling, old.cfg.flip_average) == ("global", False)
+    assert old.embed_dim == pooled_dim(old.encoder().backbone, "global")
 
 
 def test_an_encoder_file_from_before_pooling_was_recorded_pools_globally(tiny_encoder: Path, tmp_path: Path) -> None:

@@ -223,9 +223,9 @@ def test_minutes_and_epochs_together_are_refused(image_folder: Path, tmp_path: P
 def test_folders_default_to_the_photo_resolution_and_data_sets_to_theirs(image_folder: Path) -> None:
     cpu = torch.device("cpu")
     photos = TrainConfig(data=str(image_folder)).resolve(cpu)
-    assert (photos.image_size, photos.stem, photos.width, photos.pooling, photos.minutes, photos.epochs) == (
-        64, "standard", 32, "pyramid", 10.0, None)
+    assert (photos.image_size, photos.stem, photos.width, photos.pooling, photos.flip_average, photos.minutes,
+            photos.epochs) == (64, "standard", 32, "pyramid", True, 10.0, None)
     small = TrainConfig(data="fashion-mnist:train").resolve(cpu)
-    assert (small.image_size, small.pooling) == (32, "global")
+    assert (small.image_size, small.pooling, small.flip_average) == (32, "global", False)
     assert TrainConfig(data=str(image_folder), pooling="global").resolve(cpu).pooling == "global"  # given, kept
     assert TrainConfig(data=str(image_folder), epochs=2).resolve(cpu).minutes is None
