@@ -22,7 +22,7 @@ from simclr.device import pick_device
 from simclr.encoder import Encoder
 from simclr.errors import SimCLRError
 from simclr.pretrained import pretrained_encoder
-from simclr.whitening import DEFAULT_SHRINKAGE, MIN_IMAGES_PER_DIM, can_whiten, evenly_spaced, fit_sample_size, fit_whitening
+from simclr.whitening import DEFAULT_SHRINKAGE, can_whiten, evenly_spaced, fit_sample_size, fit_whitening, min_images
 
 DEFAULT_OUT = "encoder-{arch}-imagenet.pt"  # in the current folder when --out is left out
 
@@ -46,7 +46,7 @@ def whiten_on(encoder: Encoder, coll: Collection, max_images: int | None = None,
     """
     dim = encoder.dim
     positions = evenly_spaced(torch.arange(len(coll)), max_images or fit_sample_size(dim)).tolist()
-    need = MIN_IMAGES_PER_DIM * dim
+    need = min_images(dim)
     limited = f" (--max-images {max_images} of {len(coll)})" if len(positions) < len(coll) else ""
     if not can_whiten(len(positions), dim):
         return WhiteningFit(0, note=f"{len(positions)} images{limited} are too few to fit a whitening of {dim}-d "

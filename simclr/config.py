@@ -42,7 +42,7 @@ PHOTO_IMAGE_SIZE = {"cpu": 96, "cuda": 224}  # also what ImageNet weights are fe
 # is a narrow network at 64 px (0.5 s a step on 2 cores, 6 times the steps of width 64 at 96 px)
 # embedding with the spatial pyramid of its stages, which keeps where an object's parts are
 # (BENCHMARKS.md, "The spatial pyramid": on the photo-like set, kNN top-1 27.3% after 10 minutes
-# where the former profile, width 64 at 96 px, got 14.8%).
+# where the former profile, width 64 at 96 px, got 14.8%; 31.9% with mirror-averaging, below).
 # Its embedding averages each image's features with its mirror image's (the views were flipped
 # half the time in training): a pyramid's cells keep left and right apart, so a mirrored object
 # otherwise lands elsewhere (BENCHMARKS.md, "Mirror-averaged embeddings").

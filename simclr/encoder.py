@@ -25,12 +25,12 @@ from simclr.models import build_backbone
 from simclr.pooling import check_pooling, pooled_dim, pooled_features
 from simclr.whitening import (
     DEFAULT_SHRINKAGE,
-    MIN_IMAGES_PER_DIM,
     can_whiten,
     check_whitening,
     evenly_spaced,
     fit_sample_size,
     fit_whitening,
+    min_images,
 )
 
 ENCODER_FILE = "encoder.pt"  # the encoder file's name in a training run and in an index folder
@@ -112,7 +112,7 @@ class Encoder(nn.Module):
         if not can_whiten(sample.shape[0], self.dim):
             raise SimCLRError(
                 f"{sample.shape[0]} images are too few to fit a whitening of {self.dim}-d features "
-                f"(at least {MIN_IMAGES_PER_DIM * self.dim})"
+                f"(at least {min_images(self.dim)})"
             )
         self.set_whitening(*fit_whitening(embed_images(self, sample, batch_size, features=True), shrinkage))
 

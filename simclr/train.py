@@ -149,7 +149,7 @@ class Trainer:
         if cfg.whiten and not self.whiten and dist.is_main():
             log.warning("%d training images are too few to fit a whitening of %d-d features (%d needed); "
                         "the encoder will use its features unwhitened", len(source), self.embed_dim,
-                        whitening.MIN_IMAGES_PER_DIM * self.embed_dim)
+                        whitening.min_images(self.embed_dim))
         if cfg.init != "random" and self.state is None:
             load_imagenet_weights(backbone, cfg.arch, cfg.init)
         head = build_head(cfg.head, backbone.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_depth)

@@ -89,6 +89,11 @@ def test_anomaly_space_is_a_whitening_of_the_gallery() -> None:
     space = AnomalySpace.fit(feats, shrinkage=1e-6)
     z = space.transform(feats).astype(np.float64)
     assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(np.cov(z.T, bias=True), np.eye(16), atol=1e-3)
+    # 4 items a dimension: still every direction whitened (the plain whitening the anomaly
+    # scores were measured with, not the encoders' raising of the directions past n / 10).
+    few = AnomalySpace.fit(feats[:64], shrinkage=1e-6)
+    z = few.transform(feats[:64]).astype(np.float64)
+    assert few.kind != PLAIN and np.allclose(np.cov(z.T, bias=True), np.eye(16), atol=1e-3)
     # Too few items per dimension to estimate a covariance: raw features, as they are.
     small = AnomalySpace.fit(feats[:20], shrinkage=1e-2)
     assert small.kind == PLAIN and np.array_equal(small.transform(feats[:3]), feats[:3])

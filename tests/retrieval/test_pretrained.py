@@ -86,7 +86,7 @@ def test_too_few_images_leave_it_unwhitened_and_say_so(resnet18_weights: Path, i
     result = encoder_from_weights(str(resnet18_weights), "resnet18", data=str(image_folder), image_size=SIZE,
                                   out=tmp_path / "a.pt", device="cpu", workers=0)
     assert result.whitening.images == 0 and not Encoder.load(result.path).whitened
-    assert result.lines()[-1] == "unwhitened: 48 images are too few to fit a whitening of 512-d features (at least 5120)"
+    assert result.lines()[-1] == "unwhitened: 48 images are too few to fit a whitening of 512-d features (at least 500)"
     result = encoder_from_weights(str(resnet18_weights), "resnet18", data=str(image_folder), image_size=SIZE,
                                   out=tmp_path / "b.pt", device="cpu", max_images=10)
     assert result.whitening.note.startswith("10 images (--max-images 10 of 48) are too few")
@@ -101,7 +101,7 @@ def test_the_command_writes_an_encoder_that_indexes_at_once(resnet18_weights: Pa
     assert r.output.splitlines() == [
         f"encoder: {enc}",
         f"resnet18 with weights from {resnet18_weights.resolve()}: 512-d embeddings of {SIZE} px images",
-        "unwhitened: 48 images are too few to fit a whitening of 512-d features (at least 5120)",
+        "unwhitened: 48 images are too few to fit a whitening of 512-d features (at least 500)",
     ]
     r = run("index", "--encoder", enc, "--source", image_folder, "--out", tmp_path / "idx", "--workers", 0, "--no-progress")
     assert r.exit_code == 0, r.output

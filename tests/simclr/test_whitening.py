@@ -53,10 +53,35 @@ def test_bad_whitening_input_is_named(features: torch.Tensor, shrink: float, mes
         fit_whitening(features, shrink)
 
 
-def test_can_whiten_needs_ten_images_a_dimension(tiny_encoder: Path) -> None:
-    assert whitening.can_whiten(5120, 512) and not whitening.can_whiten(5119, 512)
-    with pytest.raises(SimCLRError, match="639 images are too few .* 64-d features"):
-        Encoder.load(tiny_encoder).fit_whitening(torch.zeros(639, 3, 32, 32, dtype=torch.uint8))
+def test_can_whiten_needs_500_images_or_ten_a_dimension(tiny_encoder: Path) -> None:
+    assert whitening.can_whiten(500, 1792) and not whitening.can_whiten(499, 1792)
+    assert whitening.can_whiten(320, 32) and not whitening.can_whiten(319, 32)  # 10 a dimension is fewer
+    with pytest.raises(SimCLRError, match=r"499 images are too few .* 64-d features \(at least 500\)"):
+        Encoder.load(tiny_encoder).fit_whitening(torch.zeros(499, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_with_fewer_than_ten_images_a_dimension_only_the_leading_directions_are_whitened() -> None:
+    # 300 images of 100-d features: the 30 leading directions are whitened as usual, the 70 that
+    # 300 images cannot estimate are scaled like the 30th, not blown up to unit variance.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 100)) * np.geomspace(10.0, 0.01, 100)
+    shrink = 1e-4
+    mean, matrix = fit_whitening(torch.from_numpy(x), shrink)
+    centred = x - x.mean(0)
+    evals, evecs = np.linalg.eigh(centred.T @ centred / len(x))
+    evals = np.clip(evals, 0, None)
+    raised = np.maximum(evals, evals[-30])
+    naive = evecs / np.sqrt(raised + shrink * evals.max())
+    y = (torch.from_numpy(x).float() - mean) @ matrix
+    assert np.allclose(np.abs(y.double().numpy()), np.abs(centred @ naive), atol=1e-3)  # (eigenvectors up to sign)
+    variances = np.sort(np.var(y.double().numpy(), axis=0))[::-1]
+    assert np.allclose(variances[:30], 1.0, atol=0.02)  # the trusted directions: whitened
+    assert variances[30:].max() < 1.0 and variances[-1] < 1e-3  # the rest: no louder than the 30th
+    # From 10 images a dimension on, nothing is raised: the plain whitening of the reference test.
+    plain = x[:, :30]
+    mean, matrix = fit_whitening(torch.from_numpy(plain), 1e-9)
+    y = (torch.from_numpy(plain).float() - mean) @ matrix
+    assert np.allclose(np.cov(y.double().numpy().T, bias=True), np.eye(30), atol=1e-2)
 
 
 @pytest.mark.parametrize("dim", [64, 512, 2048])
@@ -125,5 +150,5 @@ def test_training_writes_a_whitened_encoder_and_the_monitor_uses_it(image_folder
 
 
 def test_too_few_images_leave_the_encoder_unwhitened(tiny_encoder: Path) -> None:
-    # 48 training images cannot fit a whitening of 64-d features (640 needed).
+    # 48 training images cannot fit a whitening of 64-d features (500 needed).
     assert not Encoder.load(tiny_encoder).whitened
