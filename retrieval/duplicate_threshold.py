@@ -176,7 +176,9 @@ def calibrate_threshold(store: IndexStore, encoder: Encoder, sample: int = SAMPL
         if len(ids) == want or len(failures) > max(want, 100):
             break
         try:
-            im = source.open(int(i))
+            # Twice the embedding's size keeps a large JPEG's decode fast and leaves every
+            # alteration (a resize to half at the least) no smaller than the embedding sees.
+            im = source.open(int(i), size=2 * spec.image_size)
         except UserError as exc:
             failures.append(str(exc))
             continue
