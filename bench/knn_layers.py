@@ -55,7 +55,7 @@ VARIANTS: dict[str, list[str]] = {
 def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: int, blocks: list[str], flip: bool,  # noqa: ANN001
              whiten: str = "always") -> tuple[int, bool, float]:
     """Dimension, whether whitened, and top-1. ``whiten``: ``always``, or ``rule`` (as encoders
-    do: only with at least MIN_IMAGES_PER_DIM gallery images a dimension, plain features otherwise)."""
+    do: only where ``simclr.whitening.can_whiten`` allows, plain features otherwise)."""
     g, q = space(train_f, test_f, blocks, flip)  # each block scaled on the training features
     dim = g.shape[1]
     white = whiten == "always" or can_whiten(g.shape[0], dim)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--test", default="fashion-mnist:test", help="query images")
     ap.add_argument("--train-count", type=int, default=None, help="a gallery of this many evenly spaced training images (a small collection)")
     ap.add_argument("--whiten", choices=("always", "rule"), default="always",
-                    help="rule: whiten only where encoders would (10 gallery images a dimension), plain features otherwise")
+                    help="rule: whiten only where encoders would (simclr.whitening.can_whiten), plain features otherwise")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     loaded: dict[int, tuple] = {}

@@ -36,22 +36,7 @@ from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
 from simclr.models import build_backbone  # noqa: E402
 from simclr.training_data import evenly_spaced_positions  # noqa: E402
-from simclr.whitening import can_whiten  # noqa: E402
-
-
-def whitening(features: torch.Tensor, shrinkage: float, per_dim: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and matrix of a PCA whitening with ``shrinkage`` (a fraction of the largest
-    eigenvalue, added to each); with ``per_dim``, the eigenvalues past the r-th largest,
-    r = images / per_dim, are first raised to the r-th."""
-    x = features.double()
-    mean = x.mean(0)
-    cov = (x - mean).T @ (x - mean) / x.shape[0]
-    values, vectors = torch.linalg.eigh(cov)  # ascending
-    values = values.clamp(min=0)
-    if per_dim is not None:
-        rank = max(1, min(len(values), int(x.shape[0] / per_dim)))
-        values = values.clamp(min=float(values[-rank]))
-    return mean.float(), (vectors / (values + shrinkage * float(values[-1])).sqrt()).float()
+from simclr.whitening import can_whiten, fit_whitening  # noqa: E402
 
 
 def features(enc: Encoder, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -95,10 +80,10 @@ def main() -> None:
 
             row["unwhitened"] = top1(g, q)
             for s in shrinkages:
-                mean, matrix = whitening(g, s)
+                mean, matrix = fit_whitening(g, s, images_per_direction=0)  # the plain whitening
                 row[f"whitened_{s:g}"] = top1((g - mean) @ matrix, (q - mean) @ matrix)
             for per_dim in (10, 2):
-                mean, matrix = whitening(g, 1e-4, per_dim)
+                mean, matrix = fit_whitening(g, 1e-4, images_per_direction=per_dim)
                 row[f"floored_rank_n/{per_dim}"] = top1((g - mean) @ matrix, (q - mean) @ matrix)
             print(row, flush=True)
             rows.append(row)

@@ -71,7 +71,8 @@ class AnomalySpace:
         try:
             # The plain whitening, as the anomaly scores were measured with (from 2 items a
             # dimension); the encoders' raising of the directions past n / 10 is not measured here.
-            mean, matrix = fit_whitening(torch.from_numpy(np.asarray(features, dtype=np.float32)), shrinkage, trust_all=True)
+            mean, matrix = fit_whitening(torch.from_numpy(np.asarray(features, dtype=np.float32)), shrinkage,
+                                         images_per_direction=0)
         except SimCLRError:  # every feature the same: nothing to whiten
             return cls(PLAIN, fit_count=n)
         return cls(WHITENED, mean.numpy(), matrix.numpy(), shrinkage, n)

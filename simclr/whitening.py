@@ -52,17 +52,19 @@ def evenly_spaced(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def fit_whitening(features: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,
-                  trust_all: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  images_per_direction: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D,) and matrix (D, D) such that ``(f - mean) @ matrix`` has covariance
     ``diag(l / (l' + shrinkage * l_max))`` in the principal axes (``l``: the eigenvalues; ``l'``:
-    the same, with those past the ``N / MIN_IMAGES_PER_DIM`` largest raised to the last of
-    those, so that directions too few images estimate are not blown up; ``l' = l`` from 10
-    images a dimension).
+    the same, with those past the ``N / images_per_direction`` largest raised to the last of
+    those, so that directions too few images estimate are not blown up; ``l' = l`` from
+    ``images_per_direction`` images a dimension).
 
     Args:
         features: raw (not normalised) features (N, D), N >= 2.
         shrinkage: > 0; larger values whiten less (the small-variance directions stay small).
-        trust_all: whiten every direction however few the images (the plain whitening).
+        images_per_direction: the images each whitened direction needs; None:
+            :data:`MIN_IMAGES_PER_DIM`; 0: every direction, however few the images (the plain
+            whitening).
     """
     if features.dim() != 2 or features.shape[0] < 2:
         raise SimCLRError(f"whitening needs at least 2 feature rows, got shape {tuple(features.shape)}")
@@ -77,7 +79,8 @@ def fit_whitening(features: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,
     floor = shrinkage * float(eigenvalues.max())
     if not floor > 0:
         raise SimCLRError("whitening needs features that vary: every training feature is the same")
-    trusted = len(eigenvalues) if trust_all else max(1, min(len(eigenvalues), int(x.shape[0] / MIN_IMAGES_PER_DIM)))
+    per = MIN_IMAGES_PER_DIM if images_per_direction is None else images_per_direction
+    trusted = len(eigenvalues) if per <= 0 else max(1, min(len(eigenvalues), int(x.shape[0] / per)))
     scaled = eigenvalues.clamp(min=float(eigenvalues[-trusted]))
     matrix = eigenvectors / (scaled + floor).sqrt()
     return mean.float(), matrix.float()
