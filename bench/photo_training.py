@@ -3,14 +3,18 @@ measured side by side in one run (rounds interleaved):
 
 (a) model only: forward + backward + optimiser step on views already made (the ceiling);
 (b) the trainer's streaming path: DataLoader workers decode and resize the JPEGs into uint8
-    batches, the two-view augmentation runs batched on the device, then the step;
+    batches, the two-view augmentation runs batched on the device, then the step. Measured
+    twice: in the first epoch (the workers decode each photo and keep it in the run's file of
+    decoded images) and in the epochs after it (the workers read the kept images back); and,
+    as its control, the same step on the same uint8 images held in memory (no loading at all);
 (c) the common approach: per-sample torchvision transforms on the decoded PIL image
     (RandomResizedCrop, flip, colour jitter, grayscale) in DataLoader workers.
 
     python bench/make_photos.py bench/out/photos
     python bench/photo_training.py --data bench/out/photos/train --json bench/out/photo_training.json
 
-Prints views/s (two views an image) and the ratios b/a and b/c.
+Prints views/s (two views an image) and the ratios b/a and b/c, for (b) after the first epoch
+and in it, from the medians over rounds and as the median of each round's own ratio.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     views = torch.randn(2 * b, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     order = trainer._batch_order(0)
+    n = args.steps + args.warmup
+    # Later epochs: the same rows each round, their images kept by one pass beforehand. First
+    # epoch: rows from the other end of the order, never read before, new ones each round.
+    later, first = order[:n], order[n:]
+    if len(first) < n * args.rounds:
+        raise SystemExit(f"{len(source)} photos are too few for {args.rounds} rounds of {n} first-epoch batches")
+    held = torch.stack([x for _, x in source.batches(later, fill=True)])  # (kept in the file, too)
     paths = [p.decode() for p in source.paths]
     loader = DataLoader(TwoViews(paths, size, source.size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
                         num_workers=source.workers, drop_last=True, prefetch_factor=4 if source.workers else None)
@@ -96,38 +107,55 @@ def main() -> None:
         _, x = next(live["stream"])
         trainer.train_step(x.to(device, non_blocking=True), g)
 
+    def memory_step() -> None:
+        trainer.train_step(next(live["stream"]).to(device, non_blocking=True), g)
+
     def torchvision_step() -> None:
         v1, v2 = next(live["loader"])
         trainer.step_on_views(torch.cat([v1, v2]).to(device, non_blocking=True))
 
-    steps = {"a_model_only": model_step, "b_streaming": streaming_step, "c_torchvision_dataloader": torchvision_step}
+    steps = {"a_model_only": model_step, "b_streaming": streaming_step, "b_streaming_first_epoch": streaming_step,
+             "b_held_in_memory": memory_step, "c_torchvision_dataloader": torchvision_step}
     rates: dict[str, list[float]] = {k: [] for k in steps}
     offset = 0
     for _ in range(args.rounds):
         for name, fn in steps.items():
             # Workers start for their own measurement and stop after it: idle workers would
             # still be prefetching into the others.
-            n = args.steps + args.warmup
             if name == "b_streaming":
-                live["stream"] = source.batches(order[offset : offset + n], fill=True)
+                live["stream"] = source.batches(later, fill=True)
+            if name == "b_streaming_first_epoch":
+                live["stream"] = source.batches(first[offset : offset + n], fill=True)
                 offset += n
+            if name == "b_held_in_memory":
+                live["stream"] = iter(held)
             if name == "c_torchvision_dataloader":
                 live["loader"] = iter(loader)
             seconds = timed(fn, args.steps, args.warmup)
             live.clear()
             rates[name].append(2 * b * args.steps / seconds)
 
+    kept = source.cache.capacity if source.cache is not None else 0
+    source.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu"
         else torch.cuda.get_device_name(device),
         "config": {"data": args.data, "images": len(source), "arch": cfg.arch, "stem": cfg.stem, "image_size": size,
-                   "load_size": source.size, "batch_size": b, "workers": source.workers, "device": str(device)},
+                   "load_size": source.size, "batch_size": b, "workers": source.workers, "device": str(device),
+                   "decoded_images_kept": kept},
         "views_per_s": {k: round(v, 1) for k, v in med.items()},
         "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "b_over_a": round(med["b_streaming"] / med["a_model_only"], 3),
         "b_over_c": round(med["b_streaming"] / med["c_torchvision_dataloader"], 3),
+        "b_first_epoch_over_a": round(med["b_streaming_first_epoch"] / med["a_model_only"], 3),
+        "b_first_epoch_over_c": round(med["b_streaming_first_epoch"] / med["c_torchvision_dataloader"], 3),
+        "held_in_memory_over_a": round(med["b_held_in_memory"] / med["a_model_only"], 3),
+        # Each round's ratio to the model measured beside it, the median over rounds: a round
+        # shares the machine's state of the moment, which drifts between rounds.
+        "paired_over_a": {k: round(statistics.median(x / m for x, m in zip(v, rates["a_model_only"])), 3)
+                          for k, v in rates.items() if k != "a_model_only"},
     }
     write_report(report, args.json)
 

@@ -23,7 +23,7 @@ from simclr.whitening import DEFAULT_SHRINKAGE
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
      "whiten", "whiten_shrinkage", "pooling", "flip_average", "loader", "memory_budget_gb", "loader_workers",
-     "save_minutes"}
+     "decoded_cache_gb", "save_minutes"}
 )
 # Resumable fields that change what the encoder file holds: a resumed run keeps its own unless it
 # is given again (a profile's default may have changed since), and a checkpoint written before
@@ -143,6 +143,9 @@ class TrainConfig:
     loader: str = "auto"
     memory_budget_gb: float | None = None  # None: a quarter of physical memory
     loader_workers: int | None = None  # streaming's DataLoader workers; None: by device
+    # Streaming keeps the decoded images in a file in the run folder for the epochs after the
+    # first, removed when the run ends: the disk it may take (None: a quarter of the free space; 0: none).
+    decoded_cache_gb: float | None = None
     # Hardware.
     device: str = "auto"
     precision: str = "auto"
@@ -216,6 +219,8 @@ class TrainConfig:
         need(self.memory_budget_gb is None or self.memory_budget_gb > 0,
              f"memory budget must be positive, got {self.memory_budget_gb} GB")
         need(self.loader_workers is None or self.loader_workers >= 0, f"loader workers must be >= 0, got {self.loader_workers}")
+        need(self.decoded_cache_gb is None or self.decoded_cache_gb >= 0,
+             f"decoded-image cache must be >= 0 GB, got {self.decoded_cache_gb}")
         need(self.batch_size is None or self.batch_size >= 2, f"batch size must be >= 2, got {self.batch_size}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}")
         need(self.lars_eta > 0, f"LARS trust coefficient must be positive, got {self.lars_eta}")

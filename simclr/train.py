@@ -23,6 +23,7 @@ from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.config import EMBEDDING_OPTIONS, RESUMABLE_CHANGES, TrainConfig
 from simclr.data import default_eval_split, load_images
+from simclr.decoded_cache import default_budget_bytes
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
 from simclr.errors import SimCLRError
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 TURNS = 4  # rotation negatives: 0, 90, 180 and 270 degrees
 
 CHECKPOINT = "checkpoint.pt"
+DECODED_FILE = "decoded-images.bin"  # a streamed folder's decoded images, during the run
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 UNPLANNED = 2**62  # the step count of a time-budgeted run until its first steps are timed
@@ -119,8 +121,12 @@ class Trainer:
         world = dist.world_size()
         if cfg.batch_size % world:
             raise SimCLRError(f"batch size {cfg.batch_size} does not divide over {world} processes")
+        # Each process keeps its own decoded images, in its share of the disk budget.
+        world_tag = f".rank{dist.rank()}" if world > 1 else ""
+        disk = cfg.decoded_cache_gb if cfg.decoded_cache_gb is not None else default_budget_bytes(cfg.out_dir) / 2**30
+        share = disk / world
         how = Loading(cfg.loader, cfg.image_size, cfg.in_channels, cfg.memory_budget_gb, cfg.loader_workers,
-                      tuple(cfg.classes or ()))
+                      tuple(cfg.classes or ()), decoded_file=cfg.out_dir / f"{DECODED_FILE}{world_tag}", decoded_gb=share)
         source = open_training_images(cfg.data, how, device)
         channels = source.channels
         if cfg.in_channels is None:
@@ -418,6 +424,8 @@ class Trainer:
                 self.shorten_budget(time.perf_counter() - save_start)
                 if progress is not None and self.planned:
                     progress.total = self.total_steps
+        if self.step >= self.total_steps:
+            self.source.close()  # a run stopped early keeps its decoded images for --resume
         end_seconds = time.perf_counter() - budget_start - train_seconds
         if progress is not None:
             progress.close()

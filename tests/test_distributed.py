@@ -38,6 +38,19 @@ def test_two_process_training_saves_once_and_resumes(image_folder: Path, tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
 
 
+def test_two_processes_stream_a_folder_each_with_its_own_decoded_images(image_folder: Path, tmp_path: Path) -> None:
+    args = ["--verbose", "train", "--data", image_folder, "--out", tmp_path, "--arch", "resnet18", "--width", "8",
+            "--stem", "small", "--image-size", "16", "--batch-size", "16", "--epochs", "2", "--knn-every", "0",
+            "--no-progress", "--optimizer", "adamw", "--lr", "0.002", "--lr-scaling", "none", "--loader", "stream",
+            "--loader-workers", "1"]
+    r = _torchrun(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = [line for line in r.stderr.splitlines() if "keeping decoded images in" in line]
+    assert len(kept) == 2 and any("decoded-images.bin.rank0" in k for k in kept) and any("decoded-images.bin.rank1" in k for k in kept)
+    assert safe_load(tmp_path / "checkpoint.pt")["step"] == 2 * (48 // 16)
+    assert not list(tmp_path.glob("decoded-images*"))  # removed when the run ended
+
+
 def test_sharded_embedding_merges_into_the_same_index(tiny_encoder: Path, image_folder: Path, tiny_index: Path, tmp_path: Path) -> None:
     out = tmp_path / "idx"
     r = _torchrun("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", out, "--workers", "0", "--no-progress")

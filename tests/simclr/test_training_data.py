@@ -17,7 +17,7 @@ from simclr.config import TrainConfig
 from simclr.data import scan_folder
 from simclr.errors import SimCLRError
 from simclr.images import read_image
-from simclr.train import CHECKPOINT, Trainer, train
+from simclr.train import CHECKPOINT, DECODED_FILE, Trainer, train
 from simclr.training_data import InMemoryImages, Loading, StreamedImages, load_size, open_training_images
 from tests.helpers import TINY
 
@@ -54,6 +54,28 @@ def test_streamed_and_in_memory_folders_give_the_same_batches(image_folder: Path
     assert torch.equal(pairs[0][0][1][0], read_image(first, load_size(16)))
 
 
+def test_passes_over_a_stream_abandoned_or_nested_give_the_right_batches(image_folder: Path, tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    memory = open_training_images(str(image_folder), Loading("memory", image_size=16), cpu)
+    streamed = open_training_images(str(image_folder), Loading("stream", image_size=16, workers=1), cpu)
+    orders = [torch.randperm(48, generator=torch.Generator().manual_seed(s)).view(6, 8) for s in range(3)]
+
+    def same(a, b) -> None:
+        assert len(a) == len(b) and all(torch.equal(pa, pb) and torch.equal(xa, xb) for (pa, xa), (pb, xb) in zip(a, b))
+
+    abandoned = streamed.batches(orders[0])
+    next(abandoned)
+    del abandoned  # a pass left after one batch (the workers had prefetched more)
+    same(list(streamed.batches(orders[1])), list(memory.batches(orders[1])))
+    outer = []
+    for position, images in streamed.batches(orders[2]):
+        outer.append((position, images))
+        if len(outer) == 2:  # a pass inside a pass (its workers are its own)
+            assert torch.equal(streamed.sample(10), memory.sample(10))
+    same(outer, list(memory.batches(orders[2])))
+    streamed.close()
+
+
 def test_training_streamed_equals_training_in_memory(image_folder: Path, tmp_path: Path) -> None:
     a = train(_cfg(image_folder, tmp_path / "memory", loader="memory", epochs=2))
     b = train(_cfg(image_folder, tmp_path / "stream", loader="stream", loader_workers=1, epochs=2))
@@ -68,6 +90,19 @@ def test_streamed_training_resumes_exactly(image_folder: Path, tmp_path: Path) -
     straight = train(cfg.replace(out=str(tmp_path / "straight")))
     assert resumed.steps == straight.steps == 6
     _assert_same_weights(resumed.checkpoint, straight.checkpoint)
+
+
+def test_a_streamed_run_keeps_its_decoded_images_until_it_ends(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _cfg(image_folder, tmp_path / "run", loader="stream", loader_workers=0, epochs=2)
+    kept = cfg.out_dir / DECODED_FILE
+    Trainer(cfg).fit(until_epoch=1)
+    assert kept.stat().st_size > 48 * 3 * load_size(16) ** 2  # every image, for --resume
+    train(cfg, resume=True)
+    assert not kept.exists()
+    train(cfg.replace(out=str(tmp_path / "none"), decoded_cache_gb=0))
+    assert not (tmp_path / "none" / DECODED_FILE).exists()
+    with pytest.raises(SimCLRError, match="decoded-image cache must be >= 0 GB, got -1"):
+        Trainer(cfg.replace(out=str(tmp_path / "bad"), decoded_cache_gb=-1))
 
 
 def test_a_folder_over_the_memory_budget_is_streamed_with_a_log_line(
