@@ -144,7 +144,8 @@ class TrainConfig:
     memory_budget_gb: float | None = None  # None: a quarter of physical memory
     loader_workers: int | None = None  # streaming's DataLoader workers; None: by device
     # Streaming keeps the decoded images in a file in the run folder for the epochs after the
-    # first, removed when the run ends: the disk it may take (None: a quarter of the free space; 0: none).
+    # first, removed when the run ends: the disk it may take (None: a quarter of the free space; 0:
+    # none; never more than half the free space).
     decoded_cache_gb: float | None = None
     # Hardware.
     device: str = "auto"

@@ -44,6 +44,7 @@ HEADER_BYTES = 64  # the file header, padded: records start here
 RECORD = struct.Struct("<4sQI")  # tag, key, CRC-32 of the pixels
 RECORD_TAG = b"img1"
 DISK_SHARE = 4  # by default the file may take up to a quarter of the free disk space
+MAX_SHARE = 0.5  # and never more than half of it, whatever it is given
 
 
 def file_key(path: bytes) -> int | None:
@@ -57,12 +58,17 @@ def file_key(path: bytes) -> int | None:
     return int.from_bytes(h.digest(), "little")
 
 
-def default_budget_bytes(folder: Path) -> int:
-    """A quarter of the free space on the disk that holds ``folder`` (or its nearest existing parent)."""
+def free_bytes(folder: Path) -> int:
+    """The free space on the disk that holds ``folder`` (or its nearest existing parent)."""
     for place in (folder, *folder.parents):
         if place.exists():
-            return shutil.disk_usage(place).free // DISK_SHARE
+            return shutil.disk_usage(place).free
     return 0
+
+
+def default_budget_bytes(folder: Path) -> int:
+    """A quarter of the free space on the disk that holds ``folder``."""
+    return free_bytes(folder) // DISK_SHARE
 
 
 class DecodedCache:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from simclr.data import FolderListing, ImageData, decode_listing, load_images, parse_source, scan_folder
-from simclr.decoded_cache import DecodedCache, default_budget_bytes, file_key
+from simclr.decoded_cache import MAX_SHARE, DecodedCache, default_budget_bytes, file_key, free_bytes
 from simclr.errors import SimCLRError
 from simclr.images import ImageReadError, match_channels, read_image
 
@@ -299,8 +299,15 @@ def open_decoded_file(how: Loading, count: int, size: int, channels: int) -> Dec
     """The file that keeps a streamed folder's decoded images (see :class:`Loading`), or None."""
     if how.decoded_file is None or how.decoded_gb == 0:
         return None
-    budget = int(how.decoded_gb * 2**30) if how.decoded_gb is not None else default_budget_bytes(how.decoded_file.parent)
+    folder = how.decoded_file.parent
+    budget = int(how.decoded_gb * 2**30) if how.decoded_gb is not None else default_budget_bytes(folder)
     capacity = DecodedCache.capacity_for(budget, count, size, channels)
+    free = free_bytes(folder)
+    room = DecodedCache.capacity_for(int(free * MAX_SHARE), count, size, channels)
+    if room < capacity:  # (a budget given by hand) never fills the disk
+        log.warning("%d decoded images would take more than half the %.1f GiB free on the disk of %s: keeping %d",
+                    capacity, free / 2**30, folder, room)
+        capacity = room
     if capacity == 0:
         log.info("no disk for decoded images (budget %.2f GiB, --decoded-cache-gb): every epoch decodes the files",
                  budget / 2**30)

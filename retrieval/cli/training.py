@@ -61,7 +61,7 @@ def train(
     loader: Annotated[Optional[str], typer.Option(help="auto (folders in memory when they fit --memory-budget-gb, streamed from disk otherwise), memory or stream.")] = None,
     memory_budget_gb: Annotated[Optional[float], typer.Option(help="Memory a folder's decoded images may take before training streams them (default: a quarter of RAM).")] = None,
     loader_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers that decode a streamed folder (default: half the cores on a CPU, up to 8 on a GPU).")] = None,
-    decoded_cache_gb: Annotated[Optional[float], typer.Option(help="Disk a streamed folder's decoded images may take in the run folder, so that epochs after the first read them instead of decoding again; removed when the run ends (default: a quarter of the free space; 0: decode every epoch).")] = None,
+    decoded_cache_gb: Annotated[Optional[float], typer.Option(help="Disk a streamed folder's decoded images may take in the run folder, so that epochs after the first read them instead of decoding again; removed when the run ends (default: a quarter of the free space, never more than half of it; 0: decode every epoch).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU), fp32, bf16, fp16.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,

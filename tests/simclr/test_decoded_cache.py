@@ -169,3 +169,16 @@ def test_an_unwritable_place_leaves_the_images_decoded(
         streamed = _open(image_folder, tmp_path / "taken")
     assert streamed.cache is None and "cannot write decoded images to" in caplog.text
     assert len(_all(streamed, _order())) == 3
+
+
+def test_a_budget_beyond_the_free_disk_keeps_to_half_of_it(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = RECORD.size + 3 * load_size(SIZE) ** 2
+    free = 4 * (HEADER_BYTES + 10 * record)  # half of it holds 20 images, a quarter 10
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10 * free, 9 * free, free))
+    with caplog.at_level(logging.WARNING, logger="simclr.training_data"):
+        streamed = _open(image_folder, tmp_path / "decoded.bin", gb=1.0)
+    assert streamed.cache.capacity == 20
+    assert "48 decoded images would take more than half the" in caplog.text and "keeping 20" in caplog.text
+    assert _open(image_folder, tmp_path / "other.bin", gb=None).cache.capacity == 10  # the default: a quarter
