@@ -333,6 +333,24 @@ def background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return grey.convert("RGB").point(ramp.round().astype(np.uint8).T.ravel().tolist())
 
 
+def rasterize(pts: list, bw: int, bh: int, off: np.ndarray) -> tuple[Image.Image, Image.Image]:
+    """A shape's operations, already in pixels around (0, 0), drawn into a ``bw`` x ``bh`` box
+    with the origin at ``off``: its mask (255 inside) and its shading map (255: unshaded),
+    antialiased by drawing at SUPERSAMPLE times the size."""
+    mask = Image.new("L", (bw * SUPERSAMPLE, bh * SUPERSAMPLE), 0)
+    shade = Image.new("L", mask.size, 255)
+    dm, ds = ImageDraw.Draw(mask), ImageDraw.Draw(shade)
+    for o in pts:
+        xy = [tuple(p) for p in ((o[1] + off) * SUPERSAMPLE)]
+        if o[0] == "fill":
+            dm.polygon(xy, fill=255)
+        elif o[0] == "hole":
+            dm.polygon(xy, fill=0)
+        else:
+            ds.polygon(xy, fill=o[2])
+    return mask.reduce(SUPERSAMPLE), shade.reduce(SUPERSAMPLE)
+
+
 def paste_object(img: Image.Image, rng: np.random.Generator, ops: list, size: float, cx: float, cy: float, shadow: bool) -> None:
     """Draw a shape at ``size`` pixels (its longest extent), centred on (cx, cy), randomly rotated,
     stretched, tinted and shaded; antialiased by drawing at SUPERSAMPLE times the size."""
@@ -348,19 +366,7 @@ def paste_object(img: Image.Image, rng: np.random.Generator, ops: list, size: fl
     x0, y0 = np.floor(allp.min(0) + [cx, cy]).astype(int) - 1
     x1, y1 = np.ceil(allp.max(0) + [cx, cy]).astype(int) + 1
     bw, bh = x1 - x0, y1 - y0
-    off = np.array([cx - x0, cy - y0])
-    mask = Image.new("L", (bw * SUPERSAMPLE, bh * SUPERSAMPLE), 0)
-    shade = Image.new("L", mask.size, 255)
-    dm, ds = ImageDraw.Draw(mask), ImageDraw.Draw(shade)
-    for o in pts:
-        xy = [tuple(p) for p in ((o[1] + off) * SUPERSAMPLE)]
-        if o[0] == "fill":
-            dm.polygon(xy, fill=255)
-        elif o[0] == "hole":
-            dm.polygon(xy, fill=0)
-        else:
-            ds.polygon(xy, fill=o[2])
-    mask, shade = mask.reduce(SUPERSAMPLE), shade.reduce(SUPERSAMPLE)
+    mask, shade = rasterize(pts, bw, bh, np.array([cx - x0, cy - y0]))
     if shadow:
         d = size * rng.uniform(0.02, 0.08)
         sa = rng.uniform(0, 2 * np.pi)

@@ -1,7 +1,8 @@
 """The one-class anomaly protocols of ``retrieval anomaly-eval``.
 
 For each class c of a labelled source: the gallery is the training images of c, the queries
-are all test images, the anomalies are the test images of the other classes; the score is the
+are all test images, the anomalies are the test images of the other classes (and of classes the
+training source lacks, as an MVTec-style test folder's kinds of defect); the score is the
 index's (:class:`retrieval.anomaly.AnomalySpace`, mean Euclidean distance to the k nearest
 gallery items); the figure is the AUROC per class and its mean. The protocols differ in what
 saw the anomalies before the test:
@@ -120,6 +121,9 @@ def cosine_auroc(encoder: Encoder, gallery: np.ndarray, queries: np.ndarray, is_
     return auroc(knn_distance(sims.numpy(), k), is_anomaly), f"mean cosine distance on the embedding ({where})"
 
 
+UNSEEN = -2  # the label of a test image whose class the training source lacks: an anomaly for every class
+
+
 def _features(encoder: Encoder, data: ImageData) -> np.ndarray:
     images = match_channels(data.images, encoder.spec.in_channels)
     return embed_images(encoder, images, batch_size=512, features=True).cpu().numpy()
@@ -177,13 +181,22 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
     dev = pick_device(device)
     result = ProtocolResult(protocol, k, shrinkage, score)
     shared = Encoder.load(encoder, dev) if encoder is not None and protocol != "strict" else None
+    loaded: dict[tuple[str, int], ImageData] = {}
+
+    def at(source: str, size: int) -> ImageData:
+        """``source`` decoded at ``size`` px (each encoder embeds at its own size)."""
+        if (source, size) not in loaded:
+            loaded[(source, size)] = _load(source, size)
+        return loaded[(source, size)]
+
     size = shared.spec.image_size if shared is not None else 32
-    train_data, test_data = _load(train, size), _load(test, size)
+    train_data, test_data = at(train, size), at(test, size)
     classes = train_data.classes
-    unknown = sorted(set(test_data.classes) - set(classes))
-    if unknown:
-        raise RetrievalError(f"test classes not in the training source: {', '.join(unknown[:5])}")
-    test_labels = np.array([classes.index(test_data.classes[i]) if i >= 0 else -1 for i in test_data.labels.tolist()])
+    unseen = sorted(set(test_data.classes) - set(classes))
+    if unseen:  # (an MVTec-style test folder: good parts, and kinds of defect never trained on)
+        log.info("test classes not in the training source, anomalies for every class: %s", ", ".join(unseen))
+    test_labels = np.array([-1 if i < 0 else classes.index(test_data.classes[i]) if test_data.classes[i] in classes
+                            else UNSEEN for i in test_data.labels.tolist()])
     unknown = sorted(set(only or []) - set(classes))
     if unknown:
         raise RetrievalError(f"no class {', '.join(map(repr, unknown))} in {train}; known: {', '.join(classes)}")
@@ -202,10 +215,11 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         if protocol == "strict":
             enc = _train_one_class(train, name, int(in_class.sum()), Path(work) / _slug(name), budget, train_options or {},
                                    device, progress)
-            gallery, queries = _features(enc, _subset(train_data, in_class)), _features(enc, test_data)
+            own = enc.spec.image_size
+            gallery, queries = _features(enc, _subset(at(train, own), in_class)), _features(enc, at(test, own))
         else:
             enc, gallery, queries = shared, train_feats[in_class], test_feats
-        labelled = test_labels >= 0
+        labelled = test_labels != -1
         is_anomaly = test_labels[labelled] != c
         if score == "index":
             value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage)
@@ -231,7 +245,8 @@ def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict
     from simclr.train import CHECKPOINT, train
 
     done = (out / ENCODER_FILE).is_file() and (out / CHECKPOINT).is_file()
-    batch = options.get("batch_size") or min(PROFILES[pick_device(device).type]["batch_size"], max(2, count))
+    profile = PROFILES[TrainConfig(data=source).profile_name(pick_device(device))]
+    batch = options.get("batch_size") or min(profile["batch_size"], max(2, count))
     cfg = TrainConfig.from_dict({"knn_every": 0, "progress": progress, **options, "batch_size": batch, "data": source,
                                  "classes": [name], "out": str(out), **budget, "device": device})
     result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", "batch_size", *budget} if done else None)

@@ -94,12 +94,45 @@ def test_anomaly_space_is_a_whitening_of_the_gallery() -> None:
     few = AnomalySpace.fit(feats[:64], shrinkage=1e-6)
     z = few.transform(feats[:64]).astype(np.float64)
     assert few.kind != PLAIN and np.allclose(np.cov(z.T, bias=True), np.eye(16), atol=1e-3)
-    # Too few items per dimension to estimate a covariance: raw features, as they are.
+    # Too few items (under 2 a dimension and under 500): raw features, as they are.
     small = AnomalySpace.fit(feats[:20], shrinkage=1e-2)
     assert small.kind == PLAIN and np.array_equal(small.transform(feats[:3]), feats[:3])
     assert "too few" in small.describe()
     with pytest.raises(RetrievalError, match="shrinkage must be positive"):
         AnomalySpace.fit(feats, shrinkage=0)
+
+
+def test_a_gallery_under_two_items_a_dimension_whitens_the_directions_it_can_estimate() -> None:
+    """600 items of 400-d features: the 300 leading directions of their covariance whitened,
+    the other 100 scaled like the 300th (against a numpy reference), and a defect along a
+    direction where the gallery barely varies ranked far above where raw features rank it."""
+    from retrieval.anomaly import AnomalySpace
+
+    rng = np.random.default_rng(0)
+    scales = np.geomspace(10.0, 0.01, 400)
+    basis = np.linalg.qr(rng.normal(size=(400, 400)))[0]
+    make = lambda n: (rng.normal(size=(n, 400)) * scales) @ basis.T + 5.0  # noqa: E731
+    gallery = make(600)
+    space = AnomalySpace.fit(gallery, shrinkage=1e-6)
+    assert space.kind != "plain" and "its 300 leading directions of 400" in space.describe()
+    centred = gallery - gallery.mean(0)
+    values, vectors = np.linalg.eigh(centred.T @ centred / 600)
+    values = np.clip(values, 0, None)
+    floored = np.maximum(values, values[-300])
+    reference = centred @ (vectors / np.sqrt(floored + 1e-6 * values.max()))
+    np.testing.assert_allclose(space.transform(gallery), reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max())
+    # Normal queries, and queries with a defect of size 1 along the gallery's quietest direction.
+    normal, defect = make(200), make(200) + basis[:, -1]
+    is_anomaly = np.r_[np.zeros(200, bool), np.ones(200, bool)]
+
+    def score(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((x[:, None, :] - g[None, :, :]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, :5].mean(1)
+
+    queries = np.r_[normal, defect]
+    whitened = auroc(score(space.transform(queries), space.transform(gallery)), is_anomaly)
+    raw = auroc(score(queries, gallery), is_anomaly)
+    assert whitened > 0.95 and raw < 0.65, (whitened, raw)
 
 
 def test_appending_a_new_kind_of_image_is_noted_and_more_of_the_same_is_not() -> None:

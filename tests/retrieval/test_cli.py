@@ -229,6 +229,29 @@ def test_the_strict_protocol_runs_end_to_end(image_folder: Path, tmp_path: Path)
     assert Encoder.load(tmp_path / "w" / "bars" / "encoder.pt").spec.train_config["classes"] == ["bars"]
 
 
+def test_the_strict_protocol_takes_an_mvtec_layout_and_embeds_at_each_encoders_size(
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # train/ holds the normal kind alone; test/ holds it and kinds never trained on (defects).
+    shutil.copytree(image_folder / "bars", tmp_path / "train" / "bars")
+    import retrieval.anomaly_eval as anomaly_eval
+
+    seen = []
+    features = anomaly_eval._features
+
+    def recording(encoder, data):  # noqa: ANN001, ANN202
+        seen.append((data.images.shape[-1], encoder.spec.image_size, len(data.images)))
+        return features(encoder, data)
+
+    monkeypatch.setattr(anomaly_eval, "_features", recording)
+    result = anomaly_eval.evaluate_protocol("strict", str(tmp_path / "train"), str(image_folder), k=3, work=tmp_path / "w",
+                                            epochs=1, device="cpu", progress=False)
+    assert list(result.per_class) == ["bars"] and 0.0 <= result.per_class["bars"] <= 1.0
+    # The gallery (16 bars) and the queries (all 48 test images, checks and stripes the anomalies),
+    # each decoded at the size the class's encoder was trained at (a folder's: photo size, not 32 px).
+    assert [(n, size == own) for size, own, n in seen] == [(16, True), (48, True)]
+    assert seen[0][1] != 32
+
+
 def test_the_strict_protocol_trains_each_class_as_train_does_by_default_or_to_a_budget(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from simclr.config import PROFILES
