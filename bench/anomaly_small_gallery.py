@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import write_report  # noqa: E402
 from knn_layers import run_seed  # noqa: E402
+from small_gallery import features  # noqa: E402
 
 from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, MIN_ITEMS_PER_DIM, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
@@ -40,10 +41,6 @@ from simclr.encoder import Encoder  # noqa: E402
 from simclr.models import build_backbone  # noqa: E402
 from simclr.training_data import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
-
-
-def features(enc: Encoder, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([enc.features(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def knn_score(gallery: torch.Tensor, queries: torch.Tensor, k: int = DEFAULT_K) -> np.ndarray:

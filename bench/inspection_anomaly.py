@@ -26,12 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_small_gallery import features, knn_score  # noqa: E402
+from anomaly_small_gallery import knn_score  # noqa: E402
 from harness import write_report  # noqa: E402
+from small_gallery import features  # noqa: E402
 
 from retrieval.anomaly import DEFAULT_SHRINKAGE, AnomalySpace, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
+from simclr.training_data import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
 
 
@@ -49,8 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="bench/out/inspection", type=Path)
     ap.add_argument("--encoder", action="append", default=[], help="NAME=PATH (repeat)")
+    ap.add_argument("--gallery-sizes", default="", help="also score galleries of these many good parts (evenly spaced), comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    sizes = [int(n) for n in args.gallery_sizes.split(",") if n]
     rows = []
     for name, path in (e.split("=", 1) for e in args.encoder):
         enc = Encoder.load(path, "cpu")
@@ -68,9 +72,18 @@ def main() -> None:
         if not any(r["features"].startswith(f"raw pixels at {spec.image_size} px") for r in rows):
             px = lambda d: d.images.flatten(1).float() / 255  # noqa: E731
             scored[f"raw pixels at {spec.image_size} px, L2"] = knn_score(px(gallery), px(queries))
+        for n in sizes:
+            pick = evenly_spaced_positions(len(g), n).numpy()
+            small = AnomalySpace.fit(g[pick])
+            scored[f"{name}, {n} good parts: the index's space ({small.kind})"] = knn_score(
+                torch.from_numpy(small.transform(g[pick])), torch.from_numpy(small.transform(q)))
+            scored[f"{name}, {n} good parts: raw features"] = knn_score(torch.from_numpy(g[pick]), torch.from_numpy(q))
+            mean, matrix = fit_whitening(torch.from_numpy(g[pick]), DEFAULT_SHRINKAGE, images_per_direction=2)
+            scored[f"{name}, {n} good parts: whitened, N/2 directions"] = knn_score(
+                (torch.from_numpy(g[pick]) - mean) @ matrix, (torch.from_numpy(q) - mean) @ matrix)
         seconds = round(time.perf_counter() - start, 1)
         for label, s in scored.items():
-            row = {"features": label, "dim": int(g.shape[1]), "gallery": len(g), "seconds": seconds,
+            row = {"features": label, "dim": int(g.shape[1]), "seconds": seconds,
                    "auroc": aurocs(s, queries.labels.numpy(), queries.classes)}
             print(row, flush=True)
             rows.append(row)
