@@ -32,13 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import write_report  # noqa: E402
-from knn_layers import run_seed  # noqa: E402
-from small_gallery import features  # noqa: E402
+from small_gallery import features, unwhitened  # noqa: E402
 
 from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, MIN_ITEMS_PER_DIM, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
-from simclr.models import build_backbone  # noqa: E402
 from simclr.training_data import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
 
@@ -79,11 +77,7 @@ def main() -> None:
     test = load_folder(args.data / "test", spec.image_size, spec.in_channels)
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in ("trained", "untrained"):
-        enc = Encoder.load(args.encoder, "cpu")
-        enc.set_whitening(None, None)
-        if name == "untrained":
-            torch.manual_seed(run_seed(args.encoder))
-            enc.backbone = build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
+        enc = unwhitened(args.encoder, name == "untrained")
         start = time.perf_counter()
         feats[name] = features(enc, train.images), features(enc, test.images)
         print(f"{name}: features {tuple(feats[name][0].shape)} in {time.perf_counter() - start:.0f} s", flush=True)

@@ -43,6 +43,18 @@ def features(enc: Encoder, images: torch.Tensor, batch: int = 500) -> torch.Tens
     return torch.cat([enc.features(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
+def unwhitened(path: Path, untrained: bool) -> Encoder:
+    """The encoder at ``path`` without its whitening; with ``untrained``, its control: the same
+    architecture at the initial weights of its run's seed."""
+    enc = Encoder.load(path, "cpu")
+    enc.set_whitening(None, None)
+    if untrained:
+        spec = enc.spec
+        torch.manual_seed(run_seed(path))
+        enc.backbone = build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
+    return enc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", required=True, type=Path)
@@ -58,11 +70,7 @@ def main() -> None:
     test = load_folder(args.data / "test", spec.image_size, spec.in_channels)
     rows = []
     for untrained in (False, True):
-        enc = Encoder.load(args.encoder, "cpu")
-        enc.set_whitening(None, None)
-        if untrained:
-            torch.manual_seed(run_seed(args.encoder))
-            enc.backbone = build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
+        enc = unwhitened(args.encoder, untrained)
         start = time.perf_counter()
         g_all, q = features(enc, train.images), features(enc, test.images)
         seconds = round(time.perf_counter() - start, 1)

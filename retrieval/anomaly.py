@@ -71,12 +71,13 @@ class AnomalySpace:
         n, dim = features.shape
         if not shrinkage > 0:
             raise RetrievalError(f"anomaly whitening shrinkage must be positive, got {shrinkage}")
-        if n < min(MIN_ITEMS_PER_DIM * dim, MIN_WHITEN_ITEMS):
-            return cls(PLAIN, fit_count=n)
         import torch  # the encoder's PCA whitening, fit on the gallery (torch only when fitting)
 
         from simclr.errors import SimCLRError
-        from simclr.whitening import fit_whitening
+        from simclr.whitening import can_whiten, fit_whitening
+
+        if not can_whiten(n, dim, MIN_ITEMS_PER_DIM, MIN_WHITEN_ITEMS):
+            return cls(PLAIN, fit_count=n)
 
         try:
             mean, matrix = fit_whitening(torch.from_numpy(np.asarray(features, dtype=np.float32)), shrinkage,
@@ -98,9 +99,11 @@ class AnomalySpace:
         if self.kind == PLAIN:
             return (f"mean Euclidean distance on raw features (plain: the {self.fit_count} gallery items were too few "
                     "to fit a whitening)")
+        from simclr.whitening import trusted_directions
+
         dim = self.matrix.shape[0]
-        part = (f", its {self.fit_count // MIN_ITEMS_PER_DIM} leading directions of {dim}"
-                if self.fit_count < MIN_ITEMS_PER_DIM * dim else "")
+        trusted = trusted_directions(self.fit_count, dim, MIN_ITEMS_PER_DIM)
+        part = f", its {trusted} leading directions of {dim}" if trusted < dim else ""
         return f"mean Euclidean distance, whitened on the {self.fit_count} gallery items{part} (shrinkage {self.shrinkage:g})"
 
 

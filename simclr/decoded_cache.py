@@ -66,6 +66,11 @@ def free_bytes(folder: Path) -> int:
     return 0
 
 
+def record_bytes(size: int, channels: int) -> int:
+    """The bytes of one record: its header and an image's pixels (C, S, S)."""
+    return RECORD.size + channels * size * size
+
+
 def default_budget_bytes(folder: Path) -> int:
     """A quarter of the free space on the disk that holds ``folder``."""
     return free_bytes(folder) // DISK_SHARE
@@ -76,8 +81,7 @@ class DecodedCache:
 
     def __init__(self, path: Path, size: int, channels: int, capacity: int):
         self.path, self.size, self.channels, self.capacity = Path(path), size, channels, capacity
-        self.pixels = channels * size * size
-        self.record = RECORD.size + self.pixels
+        self.record = record_bytes(size, channels)
         self._fd: int | None = None
         self._pid: int | None = None
         self._broken = False
@@ -85,7 +89,7 @@ class DecodedCache:
     @staticmethod
     def capacity_for(budget_bytes: int, count: int, size: int, channels: int) -> int:
         """How many of ``count`` images a file of ``budget_bytes`` holds."""
-        return max(0, min(count, (budget_bytes - HEADER_BYTES) // (RECORD.size + channels * size * size)))
+        return max(0, min(count, (budget_bytes - HEADER_BYTES) // record_bytes(size, channels)))
 
     @classmethod
     def create(cls, path: Path, size: int, channels: int, capacity: int) -> DecodedCache | None:
@@ -102,7 +106,7 @@ class DecodedCache:
                     f.truncate()
                     f.write(header)
                 # Sparse: the disk fills as records are written.
-                f.truncate(HEADER_BYTES + capacity * (RECORD.size + channels * size * size))
+                f.truncate(HEADER_BYTES + capacity * record_bytes(size, channels))
         except OSError as exc:
             log.warning("cannot write decoded images to %s (%s): every epoch decodes the files", path, first_line(exc))
             return None

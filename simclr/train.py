@@ -23,7 +23,6 @@ from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
 from simclr.config import EMBEDDING_OPTIONS, RESUMABLE_CHANGES, TrainConfig
 from simclr.data import default_eval_split, load_images
-from simclr.decoded_cache import default_budget_bytes
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
 from simclr.errors import SimCLRError
@@ -123,10 +122,9 @@ class Trainer:
             raise SimCLRError(f"batch size {cfg.batch_size} does not divide over {world} processes")
         # Each process keeps its own decoded images, in its share of the disk budget.
         world_tag = f".rank{dist.rank()}" if world > 1 else ""
-        disk = cfg.decoded_cache_gb if cfg.decoded_cache_gb is not None else default_budget_bytes(cfg.out_dir) / 2**30
-        share = disk / world
         how = Loading(cfg.loader, cfg.image_size, cfg.in_channels, cfg.memory_budget_gb, cfg.loader_workers,
-                      tuple(cfg.classes or ()), decoded_file=cfg.out_dir / f"{DECODED_FILE}{world_tag}", decoded_gb=share)
+                      tuple(cfg.classes or ()), decoded_file=cfg.out_dir / f"{DECODED_FILE}{world_tag}",
+                      decoded_gb=cfg.decoded_cache_gb, decoded_share=world)
         source = open_training_images(cfg.data, how, device)
         channels = source.channels
         if cfg.in_channels is None:

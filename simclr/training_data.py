@@ -252,9 +252,11 @@ class Loading:
     workers: int | None = None
     classes: tuple[str, ...] = ()
     # Streaming: the file the decoded images are kept in for later epochs (None: decode every
-    # epoch), and the disk it may take (None: a quarter of the free space; 0: none).
+    # epoch), the disk it may take (None: a quarter of the free space; 0: none), and how many
+    # processes (torchrun) share that disk, each with a file of its own.
     decoded_file: Path | None = None
     decoded_gb: float | None = None
+    decoded_share: int = 1
 
 
 def open_training_images(data: str, how: Loading, device: torch.device) -> TrainingImages:
@@ -300,7 +302,7 @@ def open_decoded_file(how: Loading, count: int, size: int, channels: int) -> Dec
     if how.decoded_file is None or how.decoded_gb == 0:
         return None
     folder = how.decoded_file.parent
-    budget = int(how.decoded_gb * 2**30) if how.decoded_gb is not None else default_budget_bytes(folder)
+    budget = (int(how.decoded_gb * 2**30) if how.decoded_gb is not None else default_budget_bytes(folder)) // how.decoded_share
     capacity = DecodedCache.capacity_for(budget, count, size, channels)
     free = free_bytes(folder)
     room = DecodedCache.capacity_for(int(free * MAX_SHARE), count, size, channels)

@@ -29,15 +29,25 @@ MIN_IMAGES_PER_DIM = 10
 MIN_WHITEN_IMAGES = 500
 
 
-def min_images(dim: int) -> int:
-    """The fewest images a whitening of ``dim``-d features is fit on (:func:`can_whiten`)."""
-    return min(math.ceil(MIN_IMAGES_PER_DIM * dim), MIN_WHITEN_IMAGES)
+def min_images(dim: int, per_dim: float | None = None, at_least: int | None = None) -> int:
+    """The fewest images a whitening of ``dim``-d features is fit on (:func:`can_whiten`):
+    ``at_least`` (None: :data:`MIN_WHITEN_IMAGES`), or ``per_dim`` a dimension (None:
+    :data:`MIN_IMAGES_PER_DIM`) if that is fewer."""
+    per = MIN_IMAGES_PER_DIM if per_dim is None else per_dim
+    return min(math.ceil(per * dim), MIN_WHITEN_IMAGES if at_least is None else at_least)
 
 
-def can_whiten(images: int, dim: int) -> bool:
-    """Whether ``images`` training images are enough to fit a whitening of ``dim``-d features
-    (:data:`MIN_WHITEN_IMAGES`, or 10 a dimension if that is fewer)."""
-    return images >= min_images(dim)
+def can_whiten(images: int, dim: int, per_dim: float | None = None, at_least: int | None = None) -> bool:
+    """Whether ``images`` images are enough to fit a whitening of ``dim``-d features
+    (:func:`min_images`: by default 500, or 10 a dimension if that is fewer)."""
+    return images >= min_images(dim, per_dim, at_least)
+
+
+def trusted_directions(images: int, dim: int, per_direction: float) -> int:
+    """How many leading directions a whitening fit on ``images`` images whitens
+    (:func:`fit_whitening`): one per ``per_direction`` images, all of them with
+    ``per_direction`` <= 0."""
+    return dim if per_direction <= 0 else max(1, min(dim, int(images / per_direction)))
 
 
 def fit_sample_size(dim: int) -> int:
@@ -80,7 +90,7 @@ def fit_whitening(features: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,
     if not floor > 0:
         raise SimCLRError("whitening needs features that vary: every training feature is the same")
     per = MIN_IMAGES_PER_DIM if images_per_direction is None else images_per_direction
-    trusted = len(eigenvalues) if per <= 0 else max(1, min(len(eigenvalues), int(x.shape[0] / per)))
+    trusted = trusted_directions(x.shape[0], len(eigenvalues), per)
     scaled = eigenvalues.clamp(min=float(eigenvalues[-trusted]))
     matrix = eigenvectors / (scaled + floor).sqrt()
     return mean.float(), matrix.float()

@@ -127,6 +127,13 @@ def test_the_disk_budget_caps_the_images_kept(image_folder: Path, tmp_path: Path
     assert decoder.calls == 48 - 10
 
 
+def test_processes_sharing_a_disk_split_its_budget(image_folder: Path, tmp_path: Path) -> None:
+    record = RECORD.size + 3 * load_size(SIZE) ** 2
+    how = Loading("stream", image_size=SIZE, workers=0, decoded_file=tmp_path / "decoded.bin",
+                  decoded_gb=2 * (HEADER_BYTES + 10 * record) / 2**30, decoded_share=2)
+    assert open_training_images(str(image_folder), how, CPU).cache.capacity == 10
+
+
 def test_no_budget_means_no_file(image_folder: Path, tmp_path: Path) -> None:
     assert _open(image_folder, tmp_path / "decoded.bin", gb=0).cache is None
     assert _open(image_folder, tmp_path / "decoded.bin", gb=1e-9).cache is None
