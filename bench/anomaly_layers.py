@@ -16,7 +16,14 @@ Run from the repository root (features cached under bench/out/anomaly_layers/)::
 ``strict-m10``: the per-class encoders of ``retrieval anomaly-eval --protocol strict --minutes 10
 --work bench/out/strict-m10``; ``strict-e3``: those of ``bench/anomaly_study.py --stage train
 --strict-epochs 3``; ``shared``: the demo-recipe encoder (shared-encoder protocol); ``untrained``:
-the same ResNet-18 with random weights (seed 0), the control.
+the same ResNet-18 with random weights (seed 0), the control. Other networks::
+
+    .venv/bin/python bench/anomaly_layers.py --encoders b16=bench/out/strict-b16 \
+        b16:shared=bench/out/b16/shared/encoder.pt b16:untrained=bench/out/b16/shared/encoder.pt
+
+``NAME=DIR``: per-class encoders in ``DIR/<class>/encoder.pt``, classes without one skipped;
+``NAME:shared=ENC``: one encoder for every class; ``NAME:untrained=ENC``: ENC's architecture at
+its run's initial weights, the control of both.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from retrieval.anomaly import auroc  # noqa: E402
 from retrieval.anomaly_eval import _slug  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
+from simclr.models import build_backbone  # noqa: E402
 from simclr.pooling import stage_maps  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "anomaly_layers"
@@ -126,6 +134,13 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "l2 + l3 + l4": (["l2", "l3", "l4"], False),
     "l3 2x2 + l4": (["l3s", "l4"], False),
     "l2 2x2 + l3 2x2 + l4": (["l2s", "l3s", "l4"], False),
+    # (the last stage on a grid: for networks whose last stage keeps a map larger than 1 x 1,
+    # such as the small stem's 4 x 4 at 28 px)
+    "l4 2x2": (["l4s"], False),
+    "l3 2x2 + l4 2x2": (["l3s", "l4s"], False),
+    "l2 2x2 + l3 2x2 + l4 2x2": (["l2s", "l3s", "l4s"], False),
+    "l2 4x4 + l3 2x2 + l4 (pyramid)": (["l2q", "l3s", "l4"], False),
+    "l2 4x4 + l3 2x2 + l4 2x2": (["l2q", "l3s", "l4s"], False),
     "l4, flip-averaged": (["l4"], True),
     "l3 + l4, flip-averaged": (["l3", "l4"], True),
     "l3 2x2 + l4, flip-averaged": (["l3s", "l4"], True),
@@ -140,8 +155,10 @@ def score_class(gal: dict[str, torch.Tensor], qry: dict[str, torch.Tensor], anom
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoders", nargs="+", default=["strict-m10", "strict-e3", "shared", "untrained"],
-                   help="shared, untrained, strict-m10, strict-e3, or NAME=DIR: per-class encoders in "
-                        "DIR/<class>/encoder.pt (the layout of anomaly-eval's --work)")
+                   help="shared, untrained, strict-m10, strict-e3; NAME=DIR: per-class encoders in "
+                        "DIR/<class>/encoder.pt (the layout of anomaly-eval's --work); NAME:shared=ENC: one "
+                        "encoder for every class (shared-encoder); NAME:untrained=ENC: ENC's architecture at "
+                        "its run's initial weights (the control)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -153,8 +170,15 @@ def main() -> None:
     feat = OUT / "features"
     for which in args.encoders:
         per_class: dict[str, dict[str, float]] = {}
-        if which in ("shared", "untrained"):
-            make = (lambda: Encoder.load(shared_encoder_path(), "cpu")) if which == "shared" else (lambda: untrained_encoder(train.images))
+        name_kind, _, enc_path = which.partition("=")
+        if which in ("shared", "untrained") or name_kind.endswith((":shared", ":untrained")):
+            if which == "shared":
+                make = lambda: Encoder.load(shared_encoder_path(), "cpu")  # noqa: E731
+            elif which == "untrained":
+                make = lambda: untrained_encoder(train.images)  # noqa: E731
+            else:
+                make = lambda path=Path(enc_path), kind=name_kind: one_encoder(path, kind.endswith(":untrained"))  # noqa: E731
+                which = name_kind
             ftr = cached_features(feat / f"{which}_train.pt", make, train.images)
             fte = cached_features(feat / f"{which}_test.pt", make, test.images)
             for c, name in enumerate(train.classes):
@@ -182,18 +206,32 @@ def main() -> None:
     report(results)
 
 
+def one_encoder(path: Path, untrained: bool) -> Encoder:
+    """The encoder at ``path``, or (``untrained``) its architecture at its run's initial weights."""
+    from knn_layers import run_seed  # (knn_layers imports this module)
+
+    enc = Encoder.load(path, "cpu")
+    if untrained:
+        torch.manual_seed(run_seed(path))
+        s = enc.spec
+        enc.backbone = build_backbone(s.arch, s.in_channels, s.stem, s.width).to(memory_format=torch.channels_last)
+    return enc.eval()
+
+
 def report(results: dict) -> None:
     """Mean AUROC of every variant for every encoder set (over the classes each has), and per class."""
     sets = list(results)
     lines = ["| variant | " + " | ".join(f"{s} ({len(results[s])} classes)" for s in sets) + " |",
              "|---|" + "---:|" * len(sets)]
     for v in VARIANTS:
-        cells = [f"{np.mean([results[s][c][v] for c in results[s]]):.2f}" if results[s] else "" for s in sets]
+        cells = [f"{np.mean([results[s][c][v] for c in results[s]]):.2f}"
+                 if results[s] and all(v in results[s][c] for c in results[s]) else "" for s in sets]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     for s in sets:
         names = list(results[s])
         lines += ["", f"{s}:", "", "| variant | " + " | ".join(n[:7] for n in names) + " |", "|---|" + "---:|" * len(names)]
-        lines += [f"| {v} | " + " | ".join(f"{results[s][n][v]:.1f}" for n in names) + " |" for v in VARIANTS]
+        lines += [f"| {v} | " + " | ".join(f"{results[s][n][v]:.1f}" if v in results[s][n] else "" for n in names) + " |"
+                  for v in VARIANTS]
     text = "\n".join(lines)
     (OUT / "report.md").write_text(text + "\n")
     print(text)

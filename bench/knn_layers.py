@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "l3 2x2 + l4": ["l3s", "l4"],
     "l2 2x2 + l3 2x2 + l4": ["l2s", "l3s", "l4"],
     "l3 2x2 + l4 2x2": ["l3s", "l4s"],
+    "l2 2x2 + l3 2x2 + l4 2x2": ["l2s", "l3s", "l4s"],
     "l3 4x4 + l4": ["l3q", "l4"],
     "l2 4x4 + l3 2x2 + l4": ["l2q", "l3s", "l4"],
     "l2 4x4 + l3 4x4 + l4": ["l2q", "l3q", "l4"],
