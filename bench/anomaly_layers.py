@@ -206,10 +206,16 @@ def main() -> None:
     report(results)
 
 
+def run_seed(encoder: Path) -> int:
+    """The seed of the run that wrote ``encoder`` (its checkpoint's config), 0 without a checkpoint."""
+    ckpt = encoder.parent / "checkpoint.pt"
+    if not ckpt.exists():
+        return 0
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["config"].get("seed", 0))
+
+
 def one_encoder(path: Path, untrained: bool) -> Encoder:
     """The encoder at ``path``, or (``untrained``) its architecture at its run's initial weights."""
-    from knn_layers import run_seed  # (knn_layers imports this module)
-
     enc = Encoder.load(path, "cpu")
     if untrained:
         torch.manual_seed(run_seed(path))

@@ -29,13 +29,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_layers import space, stage_features  # noqa: E402
+from anomaly_layers import one_encoder, run_seed, space, stage_features  # noqa: E402
 from harness import write_report  # noqa: E402
 
 from simclr.data import load_images  # noqa: E402
-from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
-from simclr.models import build_backbone  # noqa: E402
 from simclr.training_data import evenly_spaced_positions, subset  # noqa: E402
 from simclr.whitening import can_whiten, evenly_spaced, fit_sample_size, fit_whitening  # noqa: E402
 
@@ -68,14 +66,6 @@ def evaluate(train_f: dict, test_f: dict, train_labels, test_labels, classes: in
     return dim, white, round(100 * r.top1, 2)
 
 
-def run_seed(encoder: Path) -> int:
-    """The seed of the run that wrote ``encoder`` (its checkpoint's config), 0 without a checkpoint."""
-    ckpt = encoder.parent / "checkpoint.pt"
-    if not ckpt.exists():
-        return 0
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["config"].get("seed", 0))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", action="append", required=True, help="NAME=PATH of an encoder file")
@@ -95,10 +85,7 @@ def main() -> None:
         name, _, path = text.partition("=")
         seed = run_seed(Path(path))
         for untrained in (False, True):
-            enc = Encoder.load(path, "cpu")
-            if untrained:
-                torch.manual_seed(seed)
-                enc.backbone = build_backbone(enc.spec.arch, enc.spec.in_channels, enc.spec.stem, enc.spec.width)
+            enc = one_encoder(Path(path), untrained)
             if args.size:
                 enc.spec.image_size = args.size
             size = enc.spec.image_size
