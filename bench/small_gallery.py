@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import write_report  # noqa: E402
-from knn_layers import run_seed  # noqa: E402
+from anomaly_layers import one_encoder  # noqa: E402
 
 from simclr.data import load_folder  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
-from simclr.models import build_backbone  # noqa: E402
 from simclr.training_data import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import can_whiten, fit_whitening  # noqa: E402
 
@@ -46,12 +45,8 @@ def features(enc: Encoder, images: torch.Tensor, batch: int = 500) -> torch.Tens
 def unwhitened(path: Path, untrained: bool) -> Encoder:
     """The encoder at ``path`` without its whitening; with ``untrained``, its control: the same
     architecture at the initial weights of its run's seed."""
-    enc = Encoder.load(path, "cpu")
+    enc = one_encoder(path, untrained)
     enc.set_whitening(None, None)
-    if untrained:
-        spec = enc.spec
-        torch.manual_seed(run_seed(path))
-        enc.backbone = build_backbone(spec.arch, spec.in_channels, spec.stem, spec.width)
     return enc
 
 
