@@ -23,7 +23,7 @@ def train(
     out: Annotated[Optional[str], typer.Option(help="Output folder (checkpoint.pt, encoder.pt, metrics.jsonl, curves.png).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run saved in --out.")] = False,
     arch: Annotated[Optional[str], typer.Option(help="Backbone: resnet18, resnet34, resnet50.")] = None,
-    stem: Annotated[Optional[str], typer.Option(help="standard (7x7/2 + max-pool) or small (3x3/1, no pool). Default: standard on CPU, small on GPU.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="standard (7x7/2 + max-pool), small (3x3/1, no pool) or stride2 (3x3/2, no pool). Default: standard on CPU, small on GPU.")] = None,
     width: Annotated[Optional[int], typer.Option(help="Channels of the first ResNet stage (64 is torchvision's; folders on a CPU default to 32).")] = None,
     in_channels: Annotated[Optional[int], typer.Option(help="Input channels (default: the data's).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: 32 for data sets; for folders of photos 64 on a CPU, 224 on a GPU). The encoder records it; indexing embeds at it.")] = None,

@@ -80,6 +80,19 @@ def test_width_scales_every_stage(arch: str, expansion: int) -> None:
     assert gray(torch.randn(2, 1, 16, 16)).shape == (2, width * 8 * expansion)
 
 
+@pytest.mark.parametrize(("stem", "kernel", "last_map"), [("standard", 7, 1), ("small", 3, 4), ("stride2", 3, 2)])
+def test_each_stem_keeps_its_resolution(stem: str, kernel: int, last_map: int) -> None:
+    # At 32 px: the standard stem divides by 4 before the first stage, stride2 by 2, small by 1;
+    # the last stage divides by 8 more.
+    backbone = build_backbone("resnet18", in_channels=1, stem=stem, width=8).eval()
+    assert backbone.conv1.kernel_size == (kernel, kernel)
+    x = torch.randn(2, 1, 32, 32)
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        x = stage(x)
+    assert x.shape == (2, 64, last_map, last_map)
+
+
 def test_the_scaled_resnet_at_width_64_is_torchvision_s() -> None:
     ours = {k: v.shape for k, v in _scaled_resnet("resnet18", 64).state_dict().items()}
     theirs = {k: v.shape for k, v in torchvision.models.resnet18().state_dict().items()}
