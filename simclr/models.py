@@ -38,8 +38,8 @@ def build_backbone(arch: str, in_channels: int = 3, stem: str = "standard", widt
         in_channels: channels of the input images (1 for grayscale).
         stem: ``"standard"`` (7x7 stride-2 conv and max-pool), ``"small"`` (3x3 stride-1 conv,
             no max-pool; the SimCLR paper's choice for 32 px CIFAR images) or ``"stride2"`` (3x3
-            stride-2 conv, no max-pool: half the resolution of ``small`` for a quarter of its
-            cost, twice that of ``standard``).
+            stride-2 conv, no max-pool: at one width, half the maps' side of ``small`` for a
+            quarter of its cost, twice that of ``standard`` for four times its cost).
         width: channels of the first stage (64 in torchvision); other stages scale with it.
     """
     if arch not in BACKBONES:

@@ -8,6 +8,7 @@ import torchvision
 
 from simclr.errors import SimCLRError
 from simclr.models import _scaled_resnet, build_backbone, build_head, load_imagenet_weights
+from simclr.pooling import stage_maps
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +87,8 @@ def test_each_stem_keeps_its_resolution(stem: str, kernel: int, last_map: int) -
     # the last stage divides by 8 more.
     backbone = build_backbone("resnet18", in_channels=1, stem=stem, width=8).eval()
     assert backbone.conv1.kernel_size == (kernel, kernel)
-    x = torch.randn(2, 1, 32, 32)
-    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
-    for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-        x = stage(x)
-    assert x.shape == (2, 64, last_map, last_map)
+    _, _, last = stage_maps(backbone, torch.randn(2, 1, 32, 32))
+    assert last.shape == (2, 64, last_map, last_map)
 
 
 def test_the_scaled_resnet_at_width_64_is_torchvision_s() -> None:
