@@ -52,6 +52,7 @@ from simclr.models import build_backbone  # noqa: E402
 from simclr.pooling import stage_maps  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "anomaly_layers"
+FEATURES = OUT / "features"
 STRICT_DIRS = {"strict-m10": ROOT / "bench" / "out" / "strict-m10"}
 K = 5
 SHRINKAGE = 1e-4
@@ -80,6 +81,13 @@ def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch
         for i in (2, 3):
             out[f"l{i}q"].append(F.adaptive_avg_pool2d(maps[i], 4).flatten(1).float())
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def feature_files(name: str, c: int | None = None) -> tuple[Path, Path]:
+    """Where a feature set is cached: (training images, test images) for one encoder of every
+    class; with ``c``, (class c's training images, test images) for class c's own encoder."""
+    prefix = f"{name}_" if c is None else f"{name}_{c}_"
+    return FEATURES / f"{prefix}{'train' if c is None else 'gallery'}.pt", FEATURES / f"{prefix}test.pt"
 
 
 def cached_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -167,40 +175,38 @@ def main() -> None:
     tr_lab, te_lab = train.labels.numpy(), test.labels.numpy()
     results_path = OUT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    feat = OUT / "features"
     for which in args.encoders:
         per_class: dict[str, dict[str, float]] = {}
-        name_kind, _, enc_path = which.partition("=")
-        if which in ("shared", "untrained") or name_kind.endswith((":shared", ":untrained")):
-            if which == "shared":
+        name, _, path = which.partition("=")
+        if name in ("shared", "untrained") or name.endswith((":shared", ":untrained")):
+            if name == "shared":
                 make = lambda: Encoder.load(shared_encoder_path(), "cpu")  # noqa: E731
-            elif which == "untrained":
+            elif name == "untrained":
                 make = lambda: untrained_encoder(train.images)  # noqa: E731
             else:
-                make = lambda path=Path(enc_path), kind=name_kind: one_encoder(path, kind.endswith(":untrained"))  # noqa: E731
-                which = name_kind
-            ftr = cached_features(feat / f"{which}_train.pt", make, train.images)
-            fte = cached_features(feat / f"{which}_test.pt", make, test.images)
-            for c, name in enumerate(train.classes):
+                make = lambda enc=Path(path), untrained=name.endswith(":untrained"): one_encoder(enc, untrained)  # noqa: E731
+            train_file, test_file = feature_files(name)
+            ftr = cached_features(train_file, make, train.images)
+            fte = cached_features(test_file, make, test.images)
+            for c, cls in enumerate(train.classes):
                 gal = {k: v[tr_lab == c] for k, v in ftr.items()}
-                per_class[name] = score_class(gal, fte, te_lab != c)
-                log.info("%s %s: %s", which, name, {k: round(v, 2) for k, v in per_class[name].items()})
+                per_class[cls] = score_class(gal, fte, te_lab != c)
+                log.info("%s %s: %s", name, cls, {k: round(v, 2) for k, v in per_class[cls].items()})
         else:
-            which, _, folder = which.partition("=")
-            root = STRICT_DIRS.get(which, Path(folder))
-            for c, name in enumerate(train.classes):
+            root = STRICT_DIRS.get(name, Path(path))
+            for c, cls in enumerate(train.classes):
                 # (bench/anomaly_study.py names its class folders by index)
-                path = STUDY_OUT / "strict-e3" / str(c) if which == "strict-e3" else root / _slug(name)
-                path = path / "encoder.pt"
-                if not path.exists():
-                    log.info("%s %s: no encoder at %s", which, name, path)
+                enc = (STUDY_OUT / "strict-e3" / str(c) if name == "strict-e3" else root / _slug(cls)) / "encoder.pt"
+                if not enc.exists():
+                    log.info("%s %s: no encoder at %s", name, cls, enc)
                     continue
-                make = lambda path=path: Encoder.load(path, "cpu")  # noqa: E731
-                gal = cached_features(feat / f"{which}_{c}_gallery.pt", make, train.images[tr_lab == c])
-                qry = cached_features(feat / f"{which}_{c}_test.pt", make, test.images)
-                per_class[name] = score_class(gal, qry, te_lab != c)
-                log.info("%s %s: %s", which, name, {k: round(v, 2) for k, v in per_class[name].items()})
-        results[which] = per_class
+                make = lambda enc=enc: Encoder.load(enc, "cpu")  # noqa: E731
+                gallery_file, test_file = feature_files(name, c)
+                gal = cached_features(gallery_file, make, train.images[tr_lab == c])
+                qry = cached_features(test_file, make, test.images)
+                per_class[cls] = score_class(gal, qry, te_lab != c)
+                log.info("%s %s: %s", name, cls, {k: round(v, 2) for k, v in per_class[cls].items()})
+        results[name] = per_class
         OUT.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
     report(results)

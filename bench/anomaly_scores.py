@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_layers import K, OUT, SHRINKAGE, space  # noqa: E402
+from anomaly_layers import K, SHRINKAGE, feature_files, space  # noqa: E402
 from anomaly_study import l2_knn, whiten  # noqa: E402
 from retrieval.anomaly import auroc  # noqa: E402
 from simclr.data import load_images  # noqa: E402
@@ -67,6 +68,18 @@ def score_class(g: torch.Tensor, q: torch.Tensor, pg: torch.Tensor, pq: torch.Te
     return {name: 100 * auroc(v, anomalous) for name, v in scores.items()}
 
 
+def class_features(name: str, labels: np.ndarray, classes: int) -> Iterator[tuple[dict, dict]]:
+    """(gallery, query) features of each class in turn, from ``bench/anomaly_layers.py``'s cache:
+    one encoder's for every class (a name with a colon), or each class's own encoder's."""
+    if ":" not in name:
+        for c in range(classes):
+            yield tuple(torch.load(f) for f in feature_files(name, c))
+        return
+    train, test = (torch.load(f) for f in feature_files(name))
+    for c in range(classes):
+        yield {k: v[labels == c] for k, v in train.items()}, test
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--features", required=True, help="a feature set cached by bench/anomaly_layers.py")
@@ -77,16 +90,10 @@ def main() -> None:
     train, test = load_images("fashion-mnist:train"), load_images("fashion-mnist:test")
     tr_lab, te_lab = train.labels.numpy(), test.labels.numpy()
     px_train, px_test = train.images.flatten(1).float(), test.images.flatten(1).float()
-    feat = OUT / "features"
     blocks = args.blocks.split(",")
-    if ":" in args.features:
-        ftr, fte = torch.load(feat / f"{args.features}_train.pt"), torch.load(feat / f"{args.features}_test.pt")
     per_class: dict[str, dict[str, float]] = {}
-    for c, name in enumerate(train.classes):
-        if ":" in args.features:
-            gal, qry = {k: v[tr_lab == c] for k, v in ftr.items()}, fte
-        else:
-            gal, qry = (torch.load(feat / f"{args.features}_{c}_{part}.pt") for part in ("gallery", "test"))
+    features = class_features(args.features, tr_lab, len(train.classes))
+    for c, (name, (gal, qry)) in enumerate(zip(train.classes, features)):
         g, q = space(gal, qry, blocks, flip=False)
         per_class[name] = score_class(g, q, px_train[tr_lab == c], px_test, te_lab != c)
         print(name, {k: round(v, 2) for k, v in per_class[name].items()}, flush=True)

@@ -27,6 +27,8 @@ IMAGENET_WEIGHTS = {
     "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
 }
 STEMS = ("standard", "small", "stride2")
+# The stems without max-pool: one 3x3 convolution of this stride.
+CONV_STEM_STRIDES = {"small": 1, "stride2": 2}
 HEADS = ("mlp", "linear", "none")
 
 
@@ -51,8 +53,8 @@ def build_backbone(arch: str, in_channels: int = 3, stem: str = "standard", widt
     if width < 8 or width % 8:
         raise SimCLRError(f"width must be a positive multiple of 8, got {width}")
     model = BACKBONES[arch]() if width == 64 else _scaled_resnet(arch, width)
-    if stem in ("small", "stride2"):
-        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, 1 if stem == "small" else 2, 1, bias=False)
+    if stem in CONV_STEM_STRIDES:
+        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, CONV_STEM_STRIDES[stem], 1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 7, 2, 3, bias=False)
