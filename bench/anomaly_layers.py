@@ -64,15 +64,19 @@ BLOCKS = ("l2", "l2s", "l2q", "l3", "l3s", "l3q", "l4", "l4s")
 
 
 @torch.no_grad()
-def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch: int = 500) -> dict[str, torch.Tensor]:
+def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch: int = 500,
+                   turn: int = 0) -> dict[str, torch.Tensor]:
     """Pooled features of each stage: ``lN`` global average, ``lNs`` average-pooled to 2 x 2,
-    ``lNq`` (stages 2 and 3) to 4 x 4."""
+    ``lNq`` (stages 2 and 3) to 4 x 4; of the images turned ``turn`` quarter turns
+    anticlockwise."""
     b = enc.backbone.eval()
     out: dict[str, list[torch.Tensor]] = {name: [] for name in BLOCKS}
     for s in range(0, images.shape[0], batch):
         x = enc.preprocess(images[s : s + batch])
         if flip:
             x = x.flip(3)
+        if turn:
+            x = torch.rot90(x, turn, (2, 3))
         maps = dict(zip((2, 3, 4), stage_maps(b, x.contiguous(memory_format=torch.channels_last))))
         for i in (2, 3, 4):
             out[f"l{i}"].append(maps[i].mean((2, 3)).float())
@@ -102,6 +106,26 @@ def cached_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     return feats
+
+
+TURNS = (1, 2, 3)  # the quarter turns of the turn-ensembled variants (CSI's shifted transformations)
+
+
+def cached_turned_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage features of ``images`` turned by each of ``TURNS`` (``*_rotT``), cached at ``path``."""
+    if path.exists():
+        return torch.load(path)
+    enc = enc_fn()
+    start = time.perf_counter()
+    feats = {f"{k}_rot{t}": v for t in TURNS for k, v in stage_features(enc, images, turn=t).items()}
+    log.info("%s: %d images x %d turns in %.0f s", path.stem, images.shape[0], len(TURNS), time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, path)
+    return feats
+
+
+def turned_file(path: Path) -> Path:
+    return path.with_name(path.stem + "_turns.pt")
 
 
 def block_scaled(gallery: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
@@ -155,9 +179,44 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
 }
 
 
+# Scored in each quarter turn's own space and averaged over the four turns (CSI, arXiv
+# 2007.08176: an encoder that learnt what upright looks like scores a turned normal image as
+# turned normal, a turned anomaly as neither); needs --turns.
+TURN_VARIANTS: dict[str, list[str]] = {
+    "l4, 4 turns": ["l4"],
+    "pyramid, 4 turns": ["l2q", "l3s", "l4"],
+    "l2 2x2 + l3 2x2 + l4, 4 turns": ["l2s", "l3s", "l4"],
+}
+
+
+def turned(feats: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    """The blocks of the images turned ``t`` quarter turns, under their plain names."""
+    if t == 0:
+        return feats
+    suffix = f"_rot{t}"
+    return {k[: -len(suffix)]: v for k, v in feats.items() if k.endswith(suffix)}
+
+
+def turns_joined(feats: dict[str, torch.Tensor], blocks: list[str]) -> dict[str, torch.Tensor]:
+    """``blocks`` of every turn under names of their own (``l4@2``: layer 4 of the half-turned
+    images), to be concatenated into one vector an image."""
+    return {f"{b}@{t}": turned(feats, t)[b] for t in (0, *TURNS) for b in blocks}
+
+
 def score_class(gal: dict[str, torch.Tensor], qry: dict[str, torch.Tensor], anomalous: np.ndarray) -> dict[str, float]:
-    return {name: 100 * auroc(d_score(*space(gal, qry, blocks, flip)), anomalous)
-            for name, (blocks, flip) in VARIANTS.items()}
+    out = {name: 100 * auroc(d_score(*space(gal, qry, blocks, flip)), anomalous)
+           for name, (blocks, flip) in VARIANTS.items()}
+    if any(k.endswith("_rot1") for k in gal):
+        for name, blocks in TURN_VARIANTS.items():
+            scores = [d_score(*space(turned(gal, t), turned(qry, t), blocks, False)) for t in (0, *TURNS)]
+            out[name] = 100 * auroc(np.mean(scores, 0), anomalous)
+            out[name.replace("4 turns", "turned only")] = 100 * auroc(np.mean(scores[1:], 0), anomalous)
+        # one vector an image, its four turns' features side by side, in one gallery-whitened
+        # space (the form an index could store: one table, one search)
+        joined = [f"l4@{t}" for t in (0, *TURNS)]
+        out["l4, 4 turns joined"] = 100 * auroc(d_score(*space(turns_joined(gal, ["l4"]), turns_joined(qry, ["l4"]), joined, False)),
+                                                anomalous)
+    return out
 
 
 def main() -> None:
@@ -168,6 +227,8 @@ def main() -> None:
                         "encoder for every class (shared-encoder); NAME:untrained=ENC: ENC's architecture at "
                         "its run's initial weights (the control)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--turns", action="store_true",
+                   help="also embed every image turned by 90, 180 and 270 degrees and score the turn-ensembled variants")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -188,6 +249,9 @@ def main() -> None:
             train_file, test_file = feature_files(name)
             ftr = cached_features(train_file, make, train.images)
             fte = cached_features(test_file, make, test.images)
+            if args.turns:
+                ftr = {**ftr, **cached_turned_features(turned_file(train_file), make, train.images)}
+                fte = {**fte, **cached_turned_features(turned_file(test_file), make, test.images)}
             for c, cls in enumerate(train.classes):
                 gal = {k: v[tr_lab == c] for k, v in ftr.items()}
                 per_class[cls] = score_class(gal, fte, te_lab != c)
@@ -204,6 +268,9 @@ def main() -> None:
                 gallery_file, test_file = feature_files(name, c)
                 gal = cached_features(gallery_file, make, train.images[tr_lab == c])
                 qry = cached_features(test_file, make, test.images)
+                if args.turns:
+                    gal = {**gal, **cached_turned_features(turned_file(gallery_file), make, train.images[tr_lab == c])}
+                    qry = {**qry, **cached_turned_features(turned_file(test_file), make, test.images)}
                 per_class[cls] = score_class(gal, qry, te_lab != c)
                 log.info("%s %s: %s", name, cls, {k: round(v, 2) for k, v in per_class[cls].items()})
         results[name] = per_class
@@ -235,7 +302,9 @@ def report(results: dict) -> None:
     sets = list(results)
     lines = ["| variant | " + " | ".join(f"{s} ({len(results[s])} classes)" for s in sets) + " |",
              "|---|" + "---:|" * len(sets)]
-    for v in VARIANTS:
+    variants = [*VARIANTS, *(v for s in sets for c in results[s] for v in results[s][c] if v not in VARIANTS)]
+    variants = list(dict.fromkeys(variants))
+    for v in variants:
         cells = [f"{np.mean([results[s][c][v] for c in results[s]]):.2f}"
                  if results[s] and all(v in results[s][c] for c in results[s]) else "" for s in sets]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
@@ -243,7 +312,7 @@ def report(results: dict) -> None:
         names = list(results[s])
         lines += ["", f"{s}:", "", "| variant | " + " | ".join(n[:7] for n in names) + " |", "|---|" + "---:|" * len(names)]
         lines += [f"| {v} | " + " | ".join(f"{results[s][n][v]:.1f}" if v in results[s][n] else "" for n in names) + " |"
-                  for v in VARIANTS]
+                  for v in variants]
     text = "\n".join(lines)
     (OUT / "report.md").write_text(text + "\n")
     print(text)
