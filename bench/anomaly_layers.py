@@ -21,6 +21,9 @@ the same ResNet-18 with random weights (seed 0), the control. Other networks::
     .venv/bin/python bench/anomaly_layers.py --encoders b16=bench/out/strict-b16 \
         b16:shared=bench/out/b16/shared/encoder.pt b16:untrained=bench/out/b16/shared/encoder.pt
 
+``--turns`` also embeds every image turned by 90, 180 and 270 degrees and scores the
+turn-ensembled variants (``TURN_VARIANTS``, and the four turns joined in one space).
+
 ``NAME=DIR``: per-class encoders in ``DIR/<class>/encoder.pt``, classes without one skipped;
 ``NAME:shared=ENC``: one encoder for every class; ``NAME:untrained=ENC``: ENC's architecture at
 its run's initial weights, the control of both.
@@ -94,18 +97,27 @@ def feature_files(name: str, c: int | None = None) -> tuple[Path, Path]:
     return FEATURES / f"{prefix}{'train' if c is None else 'gallery'}.pt", FEATURES / f"{prefix}test.pt"
 
 
-def cached_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Stage features of ``images`` and of their mirror images (``*_flip``), cached at ``path``."""
+def _cached(path: Path, enc_fn, compute, what: str) -> dict[str, torch.Tensor]:
+    """``compute(encoder)``'s features, cached at ``path`` (the encoder is made only when they are not)."""
     if path.exists():
         return torch.load(path)
     enc = enc_fn()
     start = time.perf_counter()
-    feats = stage_features(enc, images)
-    feats.update({f"{k}_flip": v for k, v in stage_features(enc, images, flip=True).items()})
-    log.info("%s: %d images x 2 in %.0f s", path.stem, images.shape[0], time.perf_counter() - start)
+    feats = compute(enc)
+    log.info("%s: %s in %.0f s", path.stem, what, time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     return feats
+
+
+def cached_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage features of ``images`` and of their mirror images (``*_flip``), cached at ``path``."""
+    def compute(enc: Encoder) -> dict[str, torch.Tensor]:
+        feats = stage_features(enc, images)
+        feats.update({f"{k}_flip": v for k, v in stage_features(enc, images, flip=True).items()})
+        return feats
+
+    return _cached(path, enc_fn, compute, f"{images.shape[0]} images x 2")
 
 
 TURNS = (1, 2, 3)  # the quarter turns of the turn-ensembled variants (CSI's shifted transformations)
@@ -113,15 +125,9 @@ TURNS = (1, 2, 3)  # the quarter turns of the turn-ensembled variants (CSI's shi
 
 def cached_turned_features(path: Path, enc_fn, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Stage features of ``images`` turned by each of ``TURNS`` (``*_rotT``), cached at ``path``."""
-    if path.exists():
-        return torch.load(path)
-    enc = enc_fn()
-    start = time.perf_counter()
-    feats = {f"{k}_rot{t}": v for t in TURNS for k, v in stage_features(enc, images, turn=t).items()}
-    log.info("%s: %d images x %d turns in %.0f s", path.stem, images.shape[0], len(TURNS), time.perf_counter() - start)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, path)
-    return feats
+    return _cached(path, enc_fn,
+                   lambda enc: {f"{k}_rot{t}": v for t in TURNS for k, v in stage_features(enc, images, turn=t).items()},
+                   f"{images.shape[0]} images x {len(TURNS)} turns")
 
 
 def turned_file(path: Path) -> Path:
@@ -204,11 +210,12 @@ def turns_joined(feats: dict[str, torch.Tensor], blocks: list[str]) -> dict[str,
 
 
 def score_class(gal: dict[str, torch.Tensor], qry: dict[str, torch.Tensor], anomalous: np.ndarray) -> dict[str, float]:
-    out = {name: 100 * auroc(d_score(*space(gal, qry, blocks, flip)), anomalous)
+    upright = {tuple(blocks): d_score(*space(gal, qry, blocks, False)) for blocks, flip in VARIANTS.values() if not flip}
+    out = {name: 100 * auroc(upright[tuple(blocks)] if not flip else d_score(*space(gal, qry, blocks, flip)), anomalous)
            for name, (blocks, flip) in VARIANTS.items()}
     if any(k.endswith("_rot1") for k in gal):
         for name, blocks in TURN_VARIANTS.items():
-            scores = [d_score(*space(turned(gal, t), turned(qry, t), blocks, False)) for t in (0, *TURNS)]
+            scores = [upright[tuple(blocks)]] + [d_score(*space(turned(gal, t), turned(qry, t), blocks, False)) for t in TURNS]
             out[name] = 100 * auroc(np.mean(scores, 0), anomalous)
             out[name.replace("4 turns", "turned only")] = 100 * auroc(np.mean(scores[1:], 0), anomalous)
         # one vector an image, its four turns' features side by side, in one gallery-whitened
