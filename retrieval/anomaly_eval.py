@@ -155,13 +155,17 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
             ``minutes``, each class trains as ``retrieval train`` would by default on the device
             (10 minutes on a CPU, the full recipe on a GPU).
         minutes: ``strict``'s budget per class as a time instead (``retrieval train --minutes``).
-        train_options: further :class:`simclr.config.TrainConfig` fields for ``strict``.
+        train_options: further :class:`simclr.config.TrainConfig` fields for ``strict`` (the
+            recipe); a run already in ``work`` is reused when it matches these.
         score: ``index`` (the anomaly space) or ``cosine`` (the old score, for comparison).
         only: evaluate these classes alone (each still against all other test images).
 
     Raises:
-        RetrievalError: an unknown protocol, a missing option, or a class with fewer images than k.
-        SimCLRError: a ``strict`` budget that training refuses (both ``epochs`` and ``minutes``, or either out of range).
+        RetrievalError: an unknown protocol, a missing option, ``train_options`` for a protocol that
+            trains nothing, or a class with fewer images than k.
+        SimCLRError: a ``strict`` budget or recipe that training refuses (both ``epochs`` and
+            ``minutes``, a value out of range, an unknown option), or a run in ``work`` trained
+            with another value of an option given here.
     """
     if protocol not in PROTOCOLS:
         raise RetrievalError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -174,9 +178,13 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
             raise RetrievalError("the strict protocol trains an encoder per class: give --work FOLDER for them")
         from simclr.config import TrainConfig
 
-        TrainConfig(epochs=epochs, minutes=minutes).validate()  # a wrong budget is told before any data loads
+        # A wrong budget or recipe is told before any data loads.
+        TrainConfig.from_dict({**(train_options or {}), "epochs": epochs, "minutes": minutes}).validate()
     elif encoder is None:
         raise RetrievalError(f"the {protocol} protocol needs --encoder (one encoder trained on the whole collection)")
+    elif train_options:
+        names = ", ".join("--" + name.replace("_", "-") for name in train_options)
+        raise RetrievalError(f"{names}: training options of the strict protocol; the {protocol} protocol trains nothing")
     budget = {"minutes": minutes} if minutes is not None else {"epochs": epochs} if epochs is not None else {}
     dev = pick_device(device)
     result = ProtocolResult(protocol, k, shrinkage, score)
@@ -249,5 +257,7 @@ def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict
     batch = options.get("batch_size") or min(profile["batch_size"], max(2, count))
     cfg = TrainConfig.from_dict({"knn_every": 0, "progress": progress, **options, "batch_size": batch, "data": source,
                                  "classes": [name], "out": str(out), **budget, "device": device})
-    result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", "batch_size", *budget} if done else None)
+    # A finished run is reused when what was asked for matches it; the batch this function would
+    # pick is not asked for, so a run trained at another batch (retrieval train --batch-size) is kept.
+    result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", *budget} if done else None)
     return Encoder.load(result.encoder, pick_device(device))

@@ -162,15 +162,27 @@ def anomaly_eval(
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
     only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --rotation-negatives, --seed.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="strict: channels of the first ResNet stage.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="strict: training resolution in pixels.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="strict: batch size (default: the device's, capped at the class's images).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="strict: the encoders' embedding, global, multiscale or pyramid; the anomaly space is made from it.")] = None,
+    rotation_negatives: Annotated[Optional[bool], typer.Option("--rotation-negatives/--no-rotation-negatives", help="strict: shifted negatives (each image also turned by 90, 180 and 270 degrees).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="strict: random seed of each class's training.")] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """One-class anomaly AUROC: each class in turn is normal, all other test images anomalies;
-    per-class and mean AUROC with the seconds each class took."""
+    per-class and mean AUROC with the seconds each class took. Under strict, a class whose run is
+    already in --work (from an earlier call, or from retrieval train --class C --out WORK/C) is
+    reused when the recipe options given here match it."""
     from retrieval.anomaly_eval import evaluate_protocol
 
-    result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs, minutes=minutes, device=device,
-                               progress=not as_json, score=score, only=only)
+    recipe = {"stem": stem, "width": width, "image_size": image_size, "batch_size": batch_size, "pooling": pooling,
+              "rotation_negatives": rotation_negatives, "seed": seed}
+    result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs,
+                               train_options={name: value for name, value in recipe.items() if value is not None}, minutes=minutes,
+                               device=device, progress=not as_json, score=score, only=only)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -274,6 +274,39 @@ def test_the_strict_protocol_trains_each_class_as_train_does_by_default_or_to_a_
     assert r.exit_code == 1 and "--epochs 2 and --minutes 1.0 both set" in r.output
 
 
+def test_the_strict_protocol_trains_the_recipe_it_is_given_and_reuses_runs_of_train(
+        image_folder: Path, tmp_path: Path) -> None:
+    from simclr.encoder import Encoder
+
+    work = tmp_path / "w"
+    base = ("anomaly-eval", "--protocol", "strict", "--train", image_folder, "--test", image_folder, "--work", work,
+            "-k", 3, "--device", "cpu", "--class", "bars", "--json")
+    recipe = ("--stem", "small", "--width", 8, "--image-size", 16, "--batch-size", 4, "--pooling", "pyramid",
+              "--rotation-negatives", "--seed", 3)
+    r = run(*base, "--epochs", 1, *recipe)
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.output[r.output.index("{"):])
+    encoder = work / "bars" / "encoder.pt"
+    spec = Encoder.load(encoder).spec
+    config = spec.train_config
+    assert (config["stem"], config["width"], config["image_size"], config["batch_size"], config["rotation_negatives"],
+            config["seed"]) == ("small", 8, 16, 4, True, 3)
+    assert spec.pooling == "pyramid" and spec.image_size == 16
+    # A run trained by retrieval train (here: the one above) is reused without its recipe
+    # repeated, though the batch it was trained at is not the one anomaly-eval would pick (16).
+    stamp = encoder.stat().st_mtime_ns
+    r = run(*base)
+    assert r.exit_code == 0, r.output
+    assert encoder.stat().st_mtime_ns == stamp
+    assert json.loads(r.output[r.output.index("{"):])["per_class"] == first["per_class"]
+    # Asked for another recipe than the run in --work holds: one line naming the difference.
+    r = run(*base, "--stem", "standard")
+    assert r.exit_code == 1 and "belongs to another configuration (stem: 'small' != 'standard')" in r.output
+    assert encoder.stat().st_mtime_ns == stamp
+    r = run(*base, "--epochs", 1, "--pooling", "sideways")
+    assert r.exit_code == 1 and "unknown pooling 'sideways'" in r.output
+
+
 def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--train", image_folder, "--test", image_folder)
     assert r.exit_code == 1 and "needs --encoder" in r.output
@@ -282,6 +315,10 @@ def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, 
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
             "--test", image_folder, "-k", 20)
     assert r.exit_code == 1 and "class 'bars' has 16 training image(s), fewer than k + 1 = 21" in r.output
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
+            "--test", image_folder, "--stem", "small", "--rotation-negatives")
+    assert r.exit_code == 1
+    assert "--stem, --rotation-negatives: training options of the strict protocol; the shared-encoder protocol trains nothing" in r.output
 
 
 def test_shared_encoder_protocol_scores_with_both_scores(image_folder: Path, tiny_encoder: Path) -> None:
