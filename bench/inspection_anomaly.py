@@ -11,6 +11,9 @@ space::
     .venv/bin/python bench/inspection_anomaly.py --data bench/out/inspection \\
         --encoder strict=bench/out/inspection-strict/good/encoder.pt \\
         --encoder untrained=bench/out/photo_quality/untrained-64.pt --json bench/out/inspection_anomaly.json
+
+``NAME:untrained=PATH`` scores PATH's architecture at its run's initial weights (the control of
+that run, as in ``anomaly_layers.py``).
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from anomaly_layers import one_encoder  # noqa: E402
 from anomaly_small_gallery import knn_score  # noqa: E402
 from harness import write_report  # noqa: E402
 from small_gallery import features  # noqa: E402
 
 from retrieval.anomaly import DEFAULT_SHRINKAGE, AnomalySpace, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
-from simclr.encoder import Encoder  # noqa: E402
 from simclr.training_data import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
 
@@ -50,14 +53,15 @@ def aurocs(scores: np.ndarray, kinds: np.ndarray, names: list[str]) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="bench/out/inspection", type=Path)
-    ap.add_argument("--encoder", action="append", default=[], help="NAME=PATH (repeat)")
+    ap.add_argument("--encoder", action="append", default=[],
+                    help="NAME=PATH (repeat); NAME:untrained=PATH: PATH's architecture at its run's initial weights")
     ap.add_argument("--gallery-sizes", default="", help="also score galleries of these many good parts (evenly spaced), comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sizes = [int(n) for n in args.gallery_sizes.split(",") if n]
     rows = []
     for name, path in (e.split("=", 1) for e in args.encoder):
-        enc = Encoder.load(path, "cpu")
+        enc = one_encoder(Path(path), untrained=name.endswith(":untrained"))
         spec = enc.spec
         gallery = load_folder(args.data / "train", spec.image_size, spec.in_channels)
         queries = load_folder(args.data / "test", spec.image_size, spec.in_channels)

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from simclr import dist
 from simclr.errors import SimCLRError
+
+# A loss within this share of chance level counts as at chance (a run that learns is 2-5%
+# under it within its first 60 steps, BENCHMARKS.md "One kind of thing: crops that keep its shape").
+AT_CHANCE_SHARE = 0.99
+
+
+def chance_loss(images: int, views: int = 2) -> float:
+    """NT-Xent when every view is as similar to every other as to its positives: ``views *
+    images`` views in the loss (all processes), each anchor's positives one or more among its
+    ``views * images - 1`` candidates, so the loss is ``ln(views * images - 1)``. A run whose loss
+    stays there has found nothing that tells its images apart under the augmentations (the
+    projections have collapsed)."""
+    if images < 2 or views < 2:
+        raise SimCLRError(f"chance level needs at least 2 images and 2 views, got {images} and {views}")
+    return math.log(views * images - 1)
 
 
 class NTXentLoss(nn.Module):

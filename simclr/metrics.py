@@ -33,8 +33,9 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def plot(self, png: Path) -> None:
-        """Loss and learning rate per step, kNN accuracy per epoch."""
+    def plot(self, png: Path, chance: float | None = None) -> None:
+        """Loss and learning rate per step, kNN accuracy per epoch; ``chance``: the loss's chance
+        level (simclr.loss.chance_loss), drawn as a dashed line."""
         try:
             import matplotlib
 
@@ -46,6 +47,9 @@ class MetricsLog:
         epochs = [r for r in self.records if r.get("kind") == "epoch" and r.get("knn_top1") is not None]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps])
+        if chance is not None:
+            axes[0].axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance level ({chance:.2f})")
+            axes[0].legend(loc="upper right", fontsize=8)
         axes[0].set(title="NT-Xent loss", xlabel="step")
         axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
         axes[1].set(title="learning rate", xlabel="step")

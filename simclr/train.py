@@ -27,7 +27,7 @@ from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
 from simclr.errors import SimCLRError
 from simclr.knn import knn_evaluate
-from simclr.loss import NTXentLoss
+from simclr.loss import AT_CHANCE_SHARE, NTXentLoss, chance_loss
 from simclr.metrics import MetricsLog
 from simclr.models import SimCLRModel, build_backbone, build_head, load_imagenet_weights
 from simclr.optim import WarmupCosine, build_optimizer, scaled_lr
@@ -52,6 +52,7 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 UNPLANNED = 2**62  # the step count of a time-budgeted run until its first steps are timed
 PROBE_SKIP = 2  # steps not timed for the plan (allocation, thread start-up)
+CHANCE_GRACE_STEPS = 100  # a loss still at chance level this many steps in (and past warm-up) is reported
 
 
 def _probe_done(steps: int, seconds: float, minutes: float | None) -> bool:
@@ -77,6 +78,22 @@ class TrainResult:
     train_seconds: float = 0.0  # the steps, and the saves inside the run
     end_seconds: float = 0.0  # the last save: whitening fit, kNN monitor, files
     skipped: int = 0  # unreadable files
+    chance_loss: float = float("nan")  # the loss of a run that tells no image from another
+    at_chance: bool = False  # the last epoch's loss was at chance level (the run learned nothing)
+
+    def chance_line(self) -> str | None:
+        """A warning when the run ended at chance level, else None."""
+        return at_chance_message(self.final_loss, self.chance_loss, self.steps) if self.at_chance else None
+
+
+def at_chance_message(loss: float, chance: float, step: int) -> str:
+    """What a loss at chance level means, and what to do about it."""
+    return (
+        f"the NT-Xent loss is at chance level at step {step} ({loss:.3f}, chance {chance:.3f}): under these "
+        "augmentations the two views of an image are no more alike than two images, so the encoder learns "
+        "nothing from them. Photos of one kind of thing held steady (an inspection line) need crops that keep "
+        "the whole subject (--crop-min 0.9; BENCHMARKS.md), or pretrained weights to start from (--init)."
+    )
 
 
 class Trainer:
@@ -170,6 +187,11 @@ class Trainer:
         lr = scaled_lr(cfg.lr, cfg.batch_size * self.turns, cfg.lr_scaling)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        # What the loss is when it tells no image from another (simclr.loss.chance_loss), and
+        # from which step a loss still there is reported.
+        self.chance = chance_loss(cfg.batch_size * self.turns, 2 + cfg.small_crops)
+        self.chance_from = max(warmup, CHANCE_GRACE_STEPS)
+        self._chance_reported = False
         # A time budget fixes the step count once the first steps are timed (plan_budget);
         # until then the schedule runs as if it had no end.
         total = self.steps_per_epoch * cfg.epochs if cfg.minutes is None else UNPLANNED
@@ -367,6 +389,7 @@ class Trainer:
                 if window_steps == cfg.log_every or ends_epoch:
                     mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()
                     self._check_finite(mean_loss, epoch)
+                    self._watch_chance(mean_loss)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     elapsed = time.perf_counter() - window_start
@@ -416,7 +439,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.write(**record)
                 if save_due:
-                    self.metrics.plot(cfg.out_dir / CURVES)
+                    self.metrics.plot(cfg.out_dir / CURVES, chance=self.chance)
             if not finished:  # saves inside the run count against a time budget; the last one does not
                 train_seconds += time.perf_counter() - save_start
                 self.shorten_budget(time.perf_counter() - save_start)
@@ -433,8 +456,18 @@ class Trainer:
             out=cfg.out_dir, encoder=cfg.out_dir / ENCODER_FILE, checkpoint=self.ckpt_path,
             epochs=math.ceil(self.step / spe), steps=self.step, final_loss=last_loss, knn_top1=knn_top1,
             views_per_second=rate, train_seconds=train_seconds, end_seconds=end_seconds,
-            skipped=self.source.skipped,
+            skipped=self.source.skipped, chance_loss=self.chance,
+            # (the last epoch's loss, or a reused run's; a run too short to have left chance is not judged)
+            at_chance=self.step >= self.chance_from and last_loss >= AT_CHANCE_SHARE * self.chance,
         )
+
+    def _watch_chance(self, loss: float) -> None:
+        """Say once, past the grace steps, that the loss of the window just logged is at chance
+        level (every process sees the same all-reduced loss; the main one speaks)."""
+        if loss >= AT_CHANCE_SHARE * self.chance and self.step >= self.chance_from and not self._chance_reported:
+            self._chance_reported = True
+            if dist.is_main():
+                log.warning(at_chance_message(loss, self.chance, self.step))
 
     def _check_finite(self, loss: float, epoch: int) -> None:
         if math.isfinite(loss):

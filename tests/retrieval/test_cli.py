@@ -282,15 +282,15 @@ def test_the_strict_protocol_trains_the_recipe_it_is_given_and_reuses_runs_of_tr
     base = ("anomaly-eval", "--protocol", "strict", "--train", image_folder, "--test", image_folder, "--work", work,
             "-k", 3, "--device", "cpu", "--class", "bars", "--json")
     recipe = ("--stem", "small", "--width", 8, "--image-size", 16, "--batch-size", 4, "--pooling", "pyramid",
-              "--rotation-negatives", "--seed", 3)
+              "--crop-min", 0.9, "--rotation-negatives", "--seed", 3)
     r = run(*base, "--epochs", 1, *recipe)
     assert r.exit_code == 0, r.output
     first = json.loads(r.output[r.output.index("{"):])
     encoder = work / "bars" / "encoder.pt"
     spec = Encoder.load(encoder).spec
     config = spec.train_config
-    assert (config["stem"], config["width"], config["image_size"], config["batch_size"], config["rotation_negatives"],
-            config["seed"]) == ("small", 8, 16, 4, True, 3)
+    assert (config["stem"], config["width"], config["image_size"], config["batch_size"], config["crop_min"],
+            config["rotation_negatives"], config["seed"]) == ("small", 8, 16, 4, 0.9, True, 3)
     assert spec.pooling == "pyramid" and spec.image_size == 16
     # A run trained by retrieval train (here: the one above) is reused without its recipe
     # repeated, though the batch it was trained at is not the one anomaly-eval would pick (16).
@@ -305,6 +305,37 @@ def test_the_strict_protocol_trains_the_recipe_it_is_given_and_reuses_runs_of_tr
     assert encoder.stat().st_mtime_ns == stamp
     r = run(*base, "--epochs", 1, "--pooling", "sideways")
     assert r.exit_code == 1 and "unknown pooling 'sideways'" in r.output
+
+
+def test_train_and_strict_say_when_the_loss_ended_at_chance_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One kind of thing, every picture the same: the loss can only sit at chance level. retrieval
+    train warns with the way out; anomaly-eval's strict protocol names the class (JSON and text)."""
+    import numpy as np
+    from PIL import Image
+
+    from simclr import train as train_module
+    from tests.helpers import pattern
+
+    one = Image.fromarray(pattern("checks", np.random.default_rng(0)))
+    for split, kinds in (("train", ["good"]), ("test", ["good", "dent"])):
+        for kind in kinds:
+            (tmp_path / split / kind).mkdir(parents=True)
+            for i in range(24):
+                (one if kind == "good" else one.rotate(90)).save(tmp_path / split / kind / f"{i:02d}.png")
+    monkeypatch.setattr(train_module, "CHANCE_GRACE_STEPS", 6)  # (100 for real runs)
+    tiny = ("--stem", "small", "--width", 8, "--image-size", 16, "--batch-size", 8)
+    r = run("train", "--data", tmp_path / "train", "--out", tmp_path / "run", "--epochs", 4, "--optimizer", "adamw",
+            "--lr", 0.002, "--lr-scaling", "none", "--head-hidden", 32, "--head-out", 16, "--pooling", "global",
+            "--no-flip-average", "--knn-every", 0, "--no-progress", "--device", "cpu", *tiny)
+    assert r.exit_code == 0, r.output
+    assert "warning: the NT-Xent loss is at chance level at step 12" in r.output and "--crop-min 0.9" in r.output
+    base = ("anomaly-eval", "--protocol", "strict", "--train", tmp_path / "train", "--test", tmp_path / "test",
+            "--class", "good", "--work", tmp_path / "w", "-k", 3, "--device", "cpu", "--epochs", 4, *tiny)
+    r = run(*base, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["at_chance"] == ["good"]
+    r = run(*base)  # (the run in --work, reused: judged by its last epoch's loss)
+    assert r.exit_code == 0 and "training ended at chance level (learned nothing from its views) for: good" in r.output
 
 
 def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:

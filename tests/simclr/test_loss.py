@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from simclr import dist as simclr_dist
 from simclr.errors import SimCLRError
-from simclr.loss import NTXentLoss
+from simclr.loss import NTXentLoss, chance_loss
 from tests.helpers import free_port
 
 
@@ -38,6 +38,18 @@ def test_matches_naive_loop(t: float) -> None:
 def test_closed_form_for_identical_views(n: int) -> None:
     z = torch.ones(n, 8)
     assert NTXentLoss(0.5)(z, z).item() == pytest.approx(-math.log(1 / (2 * n - 1)), abs=1e-5)
+
+
+@pytest.mark.parametrize("views", [2, 3, 6])
+def test_chance_level_is_the_loss_of_projections_that_tell_nothing_apart(views: int) -> None:
+    """Every view the same projection, whatever it is and whatever the temperature: the loss that
+    a run which learns nothing sits at (the trainer's warning compares with it)."""
+    n = 8
+    z = torch.randn(1, 5).expand(n, 5)
+    for t in (0.2, 0.5):
+        assert NTXentLoss(t)(*[z] * views).item() == pytest.approx(chance_loss(n, views), abs=1e-5)
+    with pytest.raises(SimCLRError, match="at least 2 images and 2 views"):
+        chance_loss(1)
 
 
 def test_gradient_matches_naive_loop() -> None:

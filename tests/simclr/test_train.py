@@ -1,6 +1,7 @@
 """The training loop: files it writes, resuming, refusals, and training on some classes."""
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -15,9 +16,10 @@ from simclr.data import load_folder
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.errors import SimCLRError
 from simclr.models import SimCLRModel
+from simclr import train as train_module
 from simclr.train import CHECKPOINT, METRICS, Trainer, TrainingDiverged, train, with_turns
 from simclr.training_data import load_size, only_classes
-from tests.helpers import TINY
+from tests.helpers import TINY, pattern
 from tests.helpers import Payload
 
 
@@ -68,6 +70,34 @@ def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_fol
     feats = embed_images(enc, data.images)
     assert feats.shape == (48, enc.dim)
     assert torch.allclose(feats.norm(dim=1), torch.ones(48), atol=1e-4)
+
+
+def test_a_run_that_tells_nothing_apart_is_reported_at_chance_level(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """48 copies of one picture: two views of an image are exactly as alike as views of two
+    images, so the loss can only sit at ln(2N - 1), and the run says so, once, and in its result.
+    The same recipe on 48 different pictures learns, and is not reported."""
+    from PIL import Image
+
+    one = Image.fromarray(pattern("checks", np.random.default_rng(0)))
+    same = tmp_path / "same" / "part"
+    same.mkdir(parents=True)
+    for i in range(48):
+        one.save(same / f"{i:02d}.png")
+    monkeypatch.setattr(train_module, "CHANCE_GRACE_STEPS", 9)  # (the real grace, 100 steps, is for real runs)
+    caplog.set_level(logging.WARNING, logger="simclr.train")
+    stuck = train(_cfg(same.parent, tmp_path / "stuck", epochs=12))
+    warnings = [r.getMessage() for r in caplog.records if "chance level" in r.getMessage()]
+    assert stuck.chance_loss == pytest.approx(math.log(2 * 16 - 1))
+    assert stuck.at_chance and stuck.final_loss >= 0.99 * stuck.chance_loss
+    assert len(warnings) == 1 and "--crop-min 0.9" in warnings[0] and "step 9 " in warnings[0]
+    assert "chance level" in stuck.chance_line()
+    caplog.clear()
+    learned = train(_cfg(image_folder, tmp_path / "learned", epochs=12))
+    assert not learned.at_chance and learned.chance_line() is None
+    assert learned.final_loss < 0.9 * learned.chance_loss
+    assert not [r for r in caplog.records if "chance level" in r.getMessage()]
 
 
 def test_epochs_write_files_when_a_save_is_due(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
