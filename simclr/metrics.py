@@ -55,6 +55,10 @@ class MetricsLog:
         axes[1].set(title="learning rate", xlabel="step")
         axes[2].plot([r["epoch"] for r in epochs], [100 * r["knn_top1"] for r in epochs], marker="o", color="tab:green")
         axes[2].set(title="kNN top-1 (%)", xlabel="epoch")
+        if not epochs:  # (an empty panel would show a scale of -0.04 to 0.04)
+            axes[2].text(0.5, 0.5, "no kNN monitor in this run\n(no labels, or --knn-every 0)", ha="center", va="center",
+                         transform=axes[2].transAxes, color="grey")
+            axes[2].set(xticks=[], yticks=[])
         for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()
