@@ -11,8 +11,8 @@ from torch import nn
 from simclr import dist
 from simclr.errors import SimCLRError
 
-# A loss within this share of chance level counts as at chance (a run that learns is 2-5%
-# under it within its first 60 steps, BENCHMARKS.md "One kind of thing: crops that keep its shape").
+# A loss within this share of chance level counts as at chance (a run that learns is 3-5% under
+# it by step 40-60: BENCHMARKS.md, "One kind of thing held steady").
 AT_CHANCE_SHARE = 0.99
 
 
