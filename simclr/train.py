@@ -457,14 +457,18 @@ class Trainer:
             epochs=math.ceil(self.step / spe), steps=self.step, final_loss=last_loss, knn_top1=knn_top1,
             views_per_second=rate, train_seconds=train_seconds, end_seconds=end_seconds,
             skipped=self.source.skipped, chance_loss=self.chance,
-            # (the last epoch's loss, or a reused run's; a run too short to have left chance is not judged)
-            at_chance=self.step >= self.chance_from and last_loss >= AT_CHANCE_SHARE * self.chance,
+            at_chance=self._at_chance(last_loss),  # (the last epoch's loss, or a reused run's)
         )
 
+    def _at_chance(self, loss: float) -> bool:
+        """Whether ``loss`` is at chance level, past the grace steps (a run too short to have left
+        chance is not judged)."""
+        return self.step >= self.chance_from and loss >= AT_CHANCE_SHARE * self.chance
+
     def _watch_chance(self, loss: float) -> None:
-        """Say once, past the grace steps, that the loss of the window just logged is at chance
-        level (every process sees the same all-reduced loss; the main one speaks)."""
-        if loss >= AT_CHANCE_SHARE * self.chance and self.step >= self.chance_from and not self._chance_reported:
+        """Say once that the loss of the window just logged is at chance level (every process sees
+        the same all-reduced loss; the main one speaks)."""
+        if self._at_chance(loss) and not self._chance_reported:
             self._chance_reported = True
             if dist.is_main():
                 log.warning(at_chance_message(loss, self.chance, self.step))
