@@ -9,8 +9,8 @@ anomalies are small defects of the part. Layout, as in MVTec AD::
     OUT/test/good/<n>.jpg           good parts
     OUT/test/<defect>/<n>.jpg       parts with one defect each
 
-The part is a gear whose design (teeth, hub, spokes) comes from the seed and is the same in
-every image. Each photo, 128 x 128 px: the belt (one fixed texture, seen through a window that
+The part is a gear (``--part``: or a nut, or a washer) whose design (teeth, hub, spokes; the
+nut's hole and corners) comes from the seed and is the same in every image. Each photo, 128 x 128 px: the belt (one fixed texture, seen through a window that
 moves with the belt), the part at the centre give or take 4 px, turned by up to 8 degrees, at
 0.62 of the frame give or take 3%, steel grey under the same light give or take a little, its
 shadow, then exposure, sensor noise and JPEG at quality 85-95. The defects:
@@ -25,6 +25,7 @@ shadow, then exposure, sensor noise and JPEG at quality 85-95. The defects:
 Run (from the repository root)::
 
     .venv/bin/python bench/make_inspection.py bench/out/inspection      # 2,000 + 500 good, 6 x 100 defects
+    .venv/bin/python bench/make_inspection.py bench/out/inspection-nut --part nut --seed 1   # a second line
 
 Image i of a split and kind depends only on (seed, split, kind, i), and image i of every kind in
 a split is the same photo but for its defect; files already there are skipped.
@@ -41,18 +42,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
 
-from make_photos import SPLITS, bar, circle, gear, noise_tile, rasterize, texture
+from make_photos import SPLITS, bar, circle, gear, noise_tile, nut, rasterize, texture, washer
 
 DEFECTS = ("missing", "scratch", "stain", "extra-hole", "bent", "wrong-colour")
 KINDS = ("good", *DEFECTS)
 SIDE = 128
 STEEL = np.array([150, 156, 164], dtype=np.float32)
 BRASS = np.array([186, 150, 72], dtype=np.float32)
+PARTS = {"gear": gear, "nut": nut, "washer": washer}  # (make_photos' shapes that fill the unit circle)
 
 
-def part_design(seed: int) -> list:
-    """The gear every image shows (the same operations for one seed)."""
-    return gear(np.random.default_rng([seed, 7]))
+def part_design(seed: int, part: str = "gear") -> list:
+    """The part every image shows (the same operations for one seed)."""
+    return PARTS[part](np.random.default_rng([seed, 7]))
 
 
 def belt(seed: int) -> Image.Image:
@@ -63,27 +65,42 @@ def belt(seed: int) -> Image.Image:
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
-def defect_ops(kind: str, rng: np.random.Generator) -> list:
-    """Operations added to the design (in its unit coordinates, the part within radius 1)."""
+def defect_ops(kind: str, rng: np.random.Generator, hole: float | None = None) -> list:
+    """Operations added to the design (in its unit coordinates, the part within radius 1). ``hole``:
+    the radius of a part's central hole (a nut, a washer), whose face defects go on the ring
+    between the hole and the rim; None: the gear's placements."""
     a = rng.uniform(0, 2 * np.pi)
     if kind == "missing":
         r = rng.uniform(0.18, 0.26)
         return [("hole", circle(np.cos(a) * 1.02, np.sin(a) * 1.02, r))]
+    lo, hi = (0.3, 0.62) if hole is None else (hole + 0.08, 0.8)
     if kind == "scratch":
-        r0, r1 = rng.uniform(0.3, 0.5), rng.uniform(0.3, 0.6)
-        b = a + np.pi + rng.uniform(-0.8, 0.8)
+        if hole is None:
+            r0, r1 = rng.uniform(0.3, 0.5), rng.uniform(0.3, 0.6)
+            b = a + np.pi + rng.uniform(-0.8, 0.8)
+        else:  # a chord of the ring, clear of the hole
+            r0, r1 = rng.uniform(lo, hi, 2)
+            b = a + rng.choice([-1, 1]) * rng.uniform(0.5, 0.9)
         return [("shade", bar((r0 * np.cos(a), r0 * np.sin(a)), (r1 * np.cos(b), r1 * np.sin(b)), 0.022), 70)]
     if kind == "stain":
-        r = rng.uniform(0.4, 0.6)
+        r = rng.uniform(0.4, 0.6) if hole is None else (lo + hi) / 2
         return [("shade", circle(r * np.cos(a), r * np.sin(a), rng.uniform(0.1, 0.16), rng.uniform(0.07, 0.12)),
                  int(rng.integers(95, 125)))]
     if kind == "extra-hole":
-        r = rng.uniform(0.5, 0.62)
+        r = rng.uniform(0.5, 0.62) if hole is None else rng.uniform(lo + 0.03, hi - 0.03)
         return [("hole", circle(r * np.cos(a), r * np.sin(a), rng.uniform(0.06, 0.09)))]
     return []
 
 
-def render(seed: int, split: str, kind: str, i: int) -> Image.Image:
+def central_hole(ops: list) -> float | None:
+    """The radius of a nut's or washer's central hole (the first hole about the centre), None for a gear."""
+    for op in ops:
+        if op[0] == "hole" and np.abs(op[1].mean(0)).max() < 1e-6 and np.abs(op[1]).max() > 0.3:
+            return float(np.hypot(*op[1].T).max())
+    return None
+
+
+def render(seed: int, split: str, kind: str, i: int, part: str = "gear") -> Image.Image:
     """Image ``i`` of ``kind`` in ``split`` (a function of its arguments only)."""
     # Belt, pose, light and camera come from one stream, the defect from another: image i of
     # every kind in a split is the same photo but for its defect.
@@ -91,7 +108,8 @@ def render(seed: int, split: str, kind: str, i: int) -> Image.Image:
     flaw = np.random.default_rng([seed, SPLITS[split], i, KINDS.index(kind)])
     ox, oy = rng.integers(0, SIDE + 1, 2)  # the belt has moved on
     img = belt(seed).crop((int(ox), int(oy), int(ox) + SIDE, int(oy) + SIDE))
-    ops = part_design(seed) + defect_ops(kind, flaw)
+    design = part_design(seed, part)
+    ops = design + defect_ops(kind, flaw, None if part == "gear" else central_hole(design))
     angle = np.deg2rad(rng.uniform(-8, 8))
     stretch = flaw.uniform(1.12, 1.2) if kind == "bent" else 1.0
     axis = flaw.uniform(0, np.pi)
@@ -116,7 +134,8 @@ def render(seed: int, split: str, kind: str, i: int) -> Image.Image:
     return ImageChops.add(img, grain, 1.0, -32)
 
 
-def generate(out: str | Path, train: int = 2000, test_good: int = 500, per_defect: int = 100, seed: int = 0) -> dict:
+def generate(out: str | Path, train: int = 2000, test_good: int = 500, per_defect: int = 100, seed: int = 0,
+             part: str = "gear") -> dict:
     """Write the set under ``out``; returns the counts."""
     out = Path(out)
     jobs = [("train", "good", train), ("test", "good", test_good)] + [("test", d, per_defect) for d in DEFECTS]
@@ -132,7 +151,7 @@ def generate(out: str | Path, train: int = 2000, test_good: int = 500, per_defec
                 continue
             buf = io.BytesIO()
             quality = int(np.random.default_rng([seed, SPLITS[split], i, 1]).integers(85, 96))
-            render(seed, split, kind, i).save(buf, "JPEG", quality=quality)
+            render(seed, split, kind, i, part).save(buf, "JPEG", quality=quality)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(buf.getvalue())
             os.replace(tmp, path)
@@ -147,8 +166,9 @@ def main() -> None:
     parser.add_argument("--test-good", type=int, default=500)
     parser.add_argument("--per-defect", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", choices=sorted(PARTS), default="gear", help="the part on the line (default gear)")
     args = parser.parse_args()
-    r = generate(args.out, args.train, args.test_good, args.per_defect, args.seed)
+    r = generate(args.out, args.train, args.test_good, args.per_defect, args.seed, args.part)
     print(f"{args.out}: {r['written']} written, {r['skipped']} already there, in {r['seconds']:.1f} s")
 
 

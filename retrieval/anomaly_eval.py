@@ -31,6 +31,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.images import match_channels
 from simclr.knn import topk_neighbours
 from simclr.whitening import can_whiten, fit_whitening
+
+if TYPE_CHECKING:
+    from simclr.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class ProtocolResult:
     seconds: dict[str, float] = field(default_factory=dict)
     spaces: dict[str, str] = field(default_factory=dict)  # the anomaly space of each class, in words
     at_chance: list[str] = field(default_factory=list)  # strict: classes whose training ended at chance level
+    narrowed: dict[str, int] = field(default_factory=dict)  # strict: the step each class's crops narrowed at chance
 
     @property
     def mean(self) -> float:
@@ -75,7 +80,7 @@ class ProtocolResult:
     def to_dict(self) -> dict:
         return {"protocol": self.protocol, "score": self.score, "k": self.k, "shrinkage": self.shrinkage, "mean_auroc": self.mean,
                 "per_class": self.per_class, "seconds": self.seconds, "total_seconds": self.total_seconds,
-                "spaces": self.spaces, "at_chance": self.at_chance}
+                "spaces": self.spaces, "at_chance": self.at_chance, "crops_narrowed_at": self.narrowed}
 
     def lines(self) -> list[str]:
         how = "anomaly space as an index fits it" if self.score == "index" else "cosine on the encoder's embedding: the old score"
@@ -83,6 +88,9 @@ class ProtocolResult:
         for name, value in self.per_class.items():
             out.append(f"  {name:<20} {100 * value:6.2f}%   {self.seconds[name]:7.1f} s")
         out.append(f"mean {100 * self.mean:.2f}%   ({self.total_seconds:.0f} s in all)")
+        if self.narrowed:
+            steps = ", ".join(f"{name} (step {step})" for name, step in self.narrowed.items())
+            out.append(f"crops narrowed when the loss sat at chance level, for: {steps}; see retrieval train's note")
         if self.at_chance:
             out.append(f"training ended at chance level (learned nothing from its views) for: {', '.join(self.at_chance)}; "
                        "see retrieval train's warning")
@@ -225,9 +233,11 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         start = time.perf_counter()
         in_class = (train_data.labels == c).numpy()
         if protocol == "strict":
-            enc, at_chance = _train_one_class(train, name, int(in_class.sum()), Path(work) / _slug(name), budget,
-                                              train_options or {}, device, progress)
-            if at_chance:
+            enc, run = _train_one_class(train, name, int(in_class.sum()), Path(work) / _slug(name), budget,
+                                        train_options or {}, device, progress)
+            if run.narrowed is not None:
+                result.narrowed[name] = run.narrowed.step
+            if run.at_chance:
                 result.at_chance.append(name)
             own = enc.spec.image_size
             gallery, queries = _features(enc, _subset(at(train, own), in_class)), _features(enc, at(test, own))
@@ -251,10 +261,11 @@ def _subset(data: ImageData, mask: np.ndarray) -> ImageData:
 
 
 def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict, options: dict, device: str,
-                     progress: bool) -> tuple[Encoder, bool]:
+                     progress: bool) -> tuple[Encoder, TrainResult]:
     """The encoder trained on one class of ``count`` images for ``budget`` (``{"epochs": E}``,
     ``{"minutes": M}``, or ``{}``: the device's default), reused when a run is already in
-    ``out``; the batch is capped at the class's size. Also whether its loss ended at chance level."""
+    ``out``; the batch is capped at the class's size. Also the run's result (chance level,
+    narrowed crops)."""
     from simclr.config import PROFILES, TrainConfig
     from simclr.train import CHECKPOINT, train
 
@@ -266,4 +277,4 @@ def _train_one_class(source: str, name: str, count: int, out: Path, budget: dict
     # A finished run is reused when what was asked for matches it; the batch this function would
     # pick is not asked for, so a run trained at another batch (retrieval train --batch-size) is kept.
     result = train(cfg, resume=done, explicit=set(options) | {"data", "classes", *budget} if done else None)
-    return Encoder.load(result.encoder, pick_device(device)), result.at_chance
+    return Encoder.load(result.encoder, pick_device(device)), result

@@ -25,6 +25,9 @@ RESUMABLE_CHANGES = frozenset(
      "whiten", "whiten_shrinkage", "pooling", "flip_average", "loader", "memory_budget_gb", "loader_workers",
      "decoded_cache_gb", "save_minutes"}
 )
+# Crops from this share of the image up keep a centred subject whole: what photos of one thing
+# held steady need to leave chance level (BENCHMARKS.md, "One kind of thing held steady").
+WHOLE_SUBJECT_CROP = 0.9
 # Resumable fields that change what the encoder file holds: a resumed run keeps its own unless it
 # is given again (a profile's default may have changed since), and a checkpoint written before
 # the option existed gets the value it was written with.
@@ -119,6 +122,10 @@ class TrainConfig:
     # Augmentation.
     crop_min: float = 0.08
     crop_max: float = 1.0
+    # A run whose loss is still at chance level past the grace steps (simclr.train) narrows its
+    # full views' crops to keep at least this share of the image, once, and trains on from there:
+    # photos of one thing held steady leave chance that way (BENCHMARKS.md). 0: never.
+    chance_crop_min: float = WHOLE_SUBJECT_CROP
     flip_p: float = 0.5
     jitter_p: float = 0.8
     jitter_strength: float | None = None  # None: by kind of data (PROFILES)
@@ -236,6 +243,8 @@ class TrainConfig:
         need(self.save_minutes >= 0, f"save-minutes must be >= 0, got {self.save_minutes}")
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")
         need(self.in_channels in (None, 1, 3) or (self.in_channels or 0) > 0, f"in_channels must be positive, got {self.in_channels}")
+        need(0 <= self.chance_crop_min <= 1,
+             f"chance-crop-min must lie in [0, 1] (0: never narrow the crops), got {self.chance_crop_min:g}")
         need(self.small_crops >= 0, f"small crops must be >= 0, got {self.small_crops}")
         need(not (self.rotation_negatives and abs(self.rotation) >= 45),
              f"--rotation-negatives makes turned images negatives, --rotation {self.rotation:g} makes them positives: "

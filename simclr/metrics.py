@@ -49,6 +49,11 @@ class MetricsLog:
         axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps])
         if chance is not None:
             axes[0].axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance level ({chance:.2f})")
+        for r in self.records:
+            if r.get("kind") == "crops":  # (the trainer narrowed the crops there, at chance level)
+                axes[0].axvline(r["step"], color="tab:red", linestyle=":", linewidth=1,
+                                label=f"crops from {r['crop_min']:.0%} (step {r['step']})")
+        if axes[0].get_legend_handles_labels()[0]:
             axes[0].legend(loc="upper right", fontsize=8)
         axes[0].set(title="NT-Xent loss", xlabel="step")
         axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")

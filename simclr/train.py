@@ -8,6 +8,7 @@ checkpoint exactly (the augmentation generator is seeded per step, the data orde
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from common.errors import first_line
 from simclr import dist, whitening
 from simclr.augment import BatchAugment
 from simclr.checkpoint import atomic_save, safe_load
-from simclr.config import EMBEDDING_OPTIONS, RESUMABLE_CHANGES, TrainConfig
+from simclr.config import EMBEDDING_OPTIONS, RESUMABLE_CHANGES, WHOLE_SUBJECT_CROP, TrainConfig
 from simclr.data import default_eval_split, load_images
 from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, EncoderSpec, channel_stats
@@ -80,19 +81,53 @@ class TrainResult:
     skipped: int = 0  # unreadable files
     chance_loss: float = float("nan")  # the loss of a run that tells no image from another
     at_chance: bool = False  # the last epoch's loss was at chance level (the run learned nothing)
+    narrowed: CropsNarrowed | None = None  # the crops were narrowed at chance level, at this step
+    crop_min: float = 0.08  # the full views' smallest crop at the end (narrowed or as given)
 
     def chance_line(self) -> str | None:
         """A warning when the run ended at chance level, else None."""
-        return at_chance_message(self.final_loss, self.chance_loss, self.steps) if self.at_chance else None
+        if not self.at_chance:
+            return None
+        return at_chance_message(self.final_loss, self.chance_loss, self.steps, self.crop_min)
+
+    def narrowed_line(self) -> str | None:
+        """What the trainer changed when the loss sat at chance level, else None."""
+        return None if self.narrowed is None else self.narrowed.message()
 
 
-def at_chance_message(loss: float, chance: float, step: int) -> str:
-    """What a loss at chance level means, and what to do about it."""
+@dataclass(frozen=True)
+class CropsNarrowed:
+    """The full views' crops were narrowed at ``step``, their loss ``loss`` at chance level."""
+
+    step: int
+    loss: float
+    chance: float
+    crop_from: float  # the smallest crop area before, and after (fractions of the image)
+    crop_to: float
+
+    def message(self) -> str:
+        return (
+            f"the NT-Xent loss was at chance level at step {self.step} ({self.loss:.3f}, chance {self.chance:.3f}): "
+            f"crops of {self.crop_from:.0%} of the image and up left two views of an image no more alike than two "
+            f"images, so from there the crops keep at least {self.crop_to:.0%} of it (as photos of one thing held "
+            "steady need; BENCHMARKS.md). --chance-crop-min 0 keeps the crops as given."
+        )
+
+
+def at_chance_message(loss: float, chance: float, step: int, crop_min: float) -> str:
+    """What a loss at chance level means, and what to do about it, for views whose crops take
+    ``crop_min`` of the image and up."""
+    way_out = (
+        f"Crops of at least {crop_min:.0%} of the image, which keep the whole subject, did not help: try "
+        "pretrained weights to start from (--init)"
+        if crop_min >= WHOLE_SUBJECT_CROP else
+        "Photos of one kind of thing held steady (an inspection line) need crops that keep the whole subject "
+        f"(--crop-min {WHOLE_SUBJECT_CROP:g}; BENCHMARKS.md), or pretrained weights to start from (--init)"
+    )
     return (
         f"the NT-Xent loss is at chance level at step {step} ({loss:.3f}, chance {chance:.3f}): under these "
         "augmentations the two views of an image are no more alike than two images, so the encoder learns "
-        "nothing from them. Photos of one kind of thing held steady (an inspection line) need crops that keep "
-        "the whole subject (--crop-min 0.9; BENCHMARKS.md), or pretrained weights to start from (--init)."
+        f"nothing from them. {way_out}."
     )
 
 
@@ -192,6 +227,7 @@ class Trainer:
         self.chance = chance_loss(cfg.batch_size * self.turns, 2 + cfg.small_crops)
         self.chance_from = max(warmup, CHANCE_GRACE_STEPS)
         self._chance_reported = False
+        self.narrowed: CropsNarrowed | None = None
         # A time budget fixes the step count once the first steps are timed (plan_budget);
         # until then the schedule runs as if it had no end.
         total = self.steps_per_epoch * cfg.epochs if cfg.minutes is None else UNPLANNED
@@ -275,6 +311,8 @@ class Trainer:
             raise SimCLRError(f"{self.ckpt_path} does not fit this model ({first_line(exc, type(exc).__name__)})") from None
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+        if state.get("crops_narrowed") is not None:
+            self._narrow_crops(CropsNarrowed(**state["crops_narrowed"]))
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -458,6 +496,7 @@ class Trainer:
             views_per_second=rate, train_seconds=train_seconds, end_seconds=end_seconds,
             skipped=self.source.skipped, chance_loss=self.chance,
             at_chance=self._at_chance(last_loss),  # (the last epoch's loss, or a reused run's)
+            narrowed=self.narrowed, crop_min=self.augment.cfg.crop_scale[0],
         )
 
     def _at_chance(self, loss: float) -> bool:
@@ -466,12 +505,32 @@ class Trainer:
         return self.step >= self.chance_from and loss >= AT_CHANCE_SHARE * self.chance
 
     def _watch_chance(self, loss: float) -> None:
-        """Say once that the loss of the window just logged is at chance level (every process sees
-        the same all-reduced loss; the main one speaks)."""
-        if self._at_chance(loss) and not self._chance_reported:
+        """When the loss of the window just logged is at chance level: narrow the crops if they
+        can be (once; see ``cfg.chance_crop_min``), else say so once. Every process sees the same
+        all-reduced loss, so all of them narrow at the same step; the main one speaks."""
+        if not self._at_chance(loss):
+            return
+        cfg = self.cfg
+        if self.narrowed is None and cfg.chance_crop_min > cfg.crop_min:
+            self._narrow_crops(CropsNarrowed(self.step, loss, self.chance, cfg.crop_min, cfg.chance_crop_min))
+            if dist.is_main():
+                log.warning(self.narrowed.message())
+            if self.metrics is not None:
+                self.metrics.write(kind="crops", step=self.step, crop_min=cfg.chance_crop_min, loss=loss)
+        elif not self._chance_reported:
             self._chance_reported = True
             if dist.is_main():
-                log.warning(at_chance_message(loss, self.chance, self.step))
+                log.warning(at_chance_message(loss, self.chance, self.step, self.augment.cfg.crop_scale[0]))
+
+    def _narrow_crops(self, narrowed: CropsNarrowed) -> None:
+        """Train on with crops of at least ``narrowed.crop_to`` of the image; chance level is
+        judged again after another grace period."""
+        self.narrowed = narrowed
+        aug = self.augment.cfg
+        self.augment = BatchAugment(
+            dataclasses.replace(aug, crop_scale=(narrowed.crop_to, max(narrowed.crop_to, aug.crop_scale[1]))),
+            self.augment.mean, self.augment.std)
+        self.chance_from = max(self.chance_from, narrowed.step + CHANCE_GRACE_STEPS)
 
     def _check_finite(self, loss: float, epoch: int) -> None:
         if math.isfinite(loss):
@@ -492,7 +551,10 @@ class Trainer:
         spec = EncoderSpec(
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
             image_size=self.cfg.image_size, feature_dim=self.embed_dim,
-            mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data, train_config=self.cfg.to_dict(),
+            mean=list(self.mean), std=list(self.std), trained_on=self.cfg.data,
+            # (the options as given, and what the trainer changed on its own)
+            train_config={**self.cfg.to_dict(),
+                          **({"crops_narrowed": dataclasses.asdict(self.narrowed)} if self.narrowed else {})},
             pooling=self.cfg.pooling, flip_average=self.cfg.flip_average,
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
@@ -515,6 +577,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "rng": rng,
                 "stats": {"mean": list(self.mean), "std": list(self.std)}, "record": dict(record or {}),
+                "crops_narrowed": None if self.narrowed is None else dataclasses.asdict(self.narrowed),
             }, self.ckpt_path)
             (self.encoder() if encoder is None else encoder).save(self.cfg.out_dir / ENCODER_FILE)
         dist.barrier()

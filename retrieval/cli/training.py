@@ -46,6 +46,7 @@ def train(
     temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature.")] = None,
     crop_min: Annotated[Optional[float], typer.Option(help="Smallest random-crop area (fraction).")] = None,
     crop_max: Annotated[Optional[float], typer.Option(help="Largest random-crop area (fraction).")] = None,
+    chance_crop_min: Annotated[Optional[float], typer.Option(help="When the loss is still at chance level 100 steps in (two views no more alike than two images, as with photos of one thing held steady), train on with crops of at least this share of the image, once (0: never; BENCHMARKS.md).")] = None,
     jitter_strength: Annotated[Optional[float], typer.Option(help="Colour-jitter strength s.")] = None,
     jitter_p: Annotated[Optional[float], typer.Option(help="Colour-jitter probability.")] = None,
     grayscale_p: Annotated[Optional[float], typer.Option(help="Random-grayscale probability (colour data).")] = None,
@@ -93,6 +94,8 @@ def train(
         typer.echo(f"time: {result.train_seconds:.0f} s training, {result.end_seconds:.0f} s end-of-run work "
                    "(whitening, kNN monitor, files)")
         typer.echo(f"encoder: {result.encoder}")
+        if (note := result.narrowed_line()) is not None:
+            typer.echo(f"note: {note}")
         if (warning := result.chance_line()) is not None:
             typer.echo(f"warning: {warning}", err=True)
 
@@ -164,12 +167,13 @@ def anomaly_eval(
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
     only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
-    stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --rotation-negatives, --seed.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --chance-crop-min, --rotation-negatives, --seed.")] = None,
     width: Annotated[Optional[int], typer.Option(help="strict: channels of the first ResNet stage.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="strict: training resolution in pixels.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="strict: batch size (default: the device's, capped at the class's images).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="strict: the encoders' embedding, global, multiscale or pyramid; the anomaly space is made from it.")] = None,
-    crop_min: Annotated[Optional[float], typer.Option(help="strict: smallest random-crop area (0.9 for photos of one part held steady, BENCHMARKS.md).")] = None,
+    crop_min: Annotated[Optional[float], typer.Option(help="strict: smallest random-crop area (the trainer narrows crops to --chance-crop-min when its loss sits at chance level).")] = None,
+    chance_crop_min: Annotated[Optional[float], typer.Option(help="strict: the crops a run at chance level narrows to (0: never), as retrieval train's.")] = None,
     rotation_negatives: Annotated[Optional[bool], typer.Option("--rotation-negatives/--no-rotation-negatives", help="strict: shifted negatives (each image also turned by 90, 180 and 270 degrees).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="strict: random seed of each class's training.")] = None,
     device: DeviceOpt = "auto",
@@ -182,7 +186,7 @@ def anomaly_eval(
     from retrieval.anomaly_eval import evaluate_protocol
 
     recipe = {"stem": stem, "width": width, "image_size": image_size, "batch_size": batch_size, "pooling": pooling,
-              "crop_min": crop_min, "rotation_negatives": rotation_negatives, "seed": seed}
+              "crop_min": crop_min, "chance_crop_min": chance_crop_min, "rotation_negatives": rotation_negatives, "seed": seed}
     result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs,
                                train_options={name: value for name, value in recipe.items() if value is not None}, minutes=minutes,
                                device=device, progress=not as_json, score=score, only=only)

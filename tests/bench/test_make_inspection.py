@@ -43,16 +43,20 @@ def test_make_inspection(tmp_path: Path) -> None:
 
     # Image i of every kind is the same photo but for its defect: each defect changes the
     # pixels, and only on or beside the part (the centre of the frame), never the belt around it.
-    def pixels(kind: str, i: int) -> np.ndarray:
-        return np.asarray(mi.render(0, "test", kind, i), np.float32)
-
+    # The same holds on a line of another part (--part nut).
     yy, xx = np.mgrid[0 : mi.SIDE, 0 : mi.SIDE]
     far = np.hypot(xx - mi.SIDE / 2, yy - mi.SIDE / 2) > 0.45 * mi.SIDE
-    for i in range(3):
-        good = pixels("good", i)
-        assert np.array_equal(good, pixels("good", i))
-        assert np.abs(pixels("good", i + 3) - good).mean() > 1  # good parts are not all one photo
-        for defect in mi.DEFECTS:
-            changed = np.abs(pixels(defect, i) - good).max(-1) > 0
-            assert changed.sum() >= 20, (defect, i)
-            assert not (changed & far).any(), (defect, i)
+    for part in ("gear", "nut"):
+        def pixels(kind: str, i: int) -> np.ndarray:
+            return np.asarray(mi.render(0, "test", kind, i, part), np.float32)
+
+        for i in range(3):
+            good = pixels("good", i)
+            assert np.array_equal(good, pixels("good", i))
+            assert np.abs(pixels("good", i + 3) - good).mean() > 1  # good parts are not all one photo
+            for defect in mi.DEFECTS:
+                changed = np.abs(pixels(defect, i) - good).max(-1) > 0
+                assert changed.sum() >= 20, (part, defect, i)
+                assert not (changed & far).any(), (part, defect, i)
+    gear, nut = (np.asarray(mi.render(0, "train", "good", 0, p), np.float32) for p in ("gear", "nut"))
+    assert (np.abs(gear - nut).max(-1) > 40).sum() > 200  # another part in the same frame

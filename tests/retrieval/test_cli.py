@@ -309,7 +309,8 @@ def test_the_strict_protocol_trains_the_recipe_it_is_given_and_reuses_runs_of_tr
 
 def test_train_and_strict_say_when_the_loss_ended_at_chance_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One kind of thing, every picture the same: the loss can only sit at chance level. retrieval
-    train warns with the way out; anomaly-eval's strict protocol names the class (JSON and text)."""
+    train narrows its crops and says so, then warns with the way out left; anomaly-eval's strict
+    protocol names the class (JSON and text)."""
     import numpy as np
     from PIL import Image
 
@@ -328,14 +329,17 @@ def test_train_and_strict_say_when_the_loss_ended_at_chance_level(tmp_path: Path
             "--lr", 0.002, "--lr-scaling", "none", "--head-hidden", 32, "--head-out", 16, "--pooling", "global",
             "--no-flip-average", "--knn-every", 0, "--no-progress", "--device", "cpu", *tiny)
     assert r.exit_code == 0, r.output
-    assert "warning: the NT-Xent loss is at chance level at step 12" in r.output and "--crop-min 0.9" in r.output
+    assert "note: the NT-Xent loss was at chance level at step 6 " in r.output and "crops keep at least 90%" in r.output
+    assert "warning: the NT-Xent loss is at chance level at step 12" in r.output and "--init" in r.output
     base = ("anomaly-eval", "--protocol", "strict", "--train", tmp_path / "train", "--test", tmp_path / "test",
             "--class", "good", "--work", tmp_path / "w", "-k", 3, "--device", "cpu", "--epochs", 4, *tiny)
     r = run(*base, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output[r.output.index("{"):])["at_chance"] == ["good"]
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["at_chance"] == ["good"] and report["crops_narrowed_at"] == {"good": 6}
     r = run(*base)  # (the run in --work, reused: judged by its last epoch's loss)
     assert r.exit_code == 0 and "training ended at chance level (learned nothing from its views) for: good" in r.output
+    assert "crops narrowed when the loss sat at chance level, for: good (step 6)" in r.output
 
 
 def test_protocol_mistakes_are_one_line(image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:

@@ -72,12 +72,11 @@ def test_tiny_training_learns_and_writes_its_files(tiny_encoder: Path, image_fol
     assert torch.allclose(feats.norm(dim=1), torch.ones(48), atol=1e-4)
 
 
-def test_a_run_that_tells_nothing_apart_is_reported_at_chance_level(
-    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def one_picture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """48 copies of one picture: two views of an image are exactly as alike as views of two
-    images, so the loss can only sit at ln(2N - 1), and the run says so, once, and in its result.
-    The same recipe on 48 different pictures learns, and is not reported."""
+    images, so the loss can only sit at chance level, ln(2N - 1). The grace period is cut to 9
+    steps (the real one, 100 steps, is for real runs)."""
     from PIL import Image
 
     one = Image.fromarray(pattern("checks", np.random.default_rng(0)))
@@ -85,19 +84,72 @@ def test_a_run_that_tells_nothing_apart_is_reported_at_chance_level(
     same.mkdir(parents=True)
     for i in range(48):
         one.save(same / f"{i:02d}.png")
-    monkeypatch.setattr(train_module, "CHANCE_GRACE_STEPS", 9)  # (the real grace, 100 steps, is for real runs)
+    monkeypatch.setattr(train_module, "CHANCE_GRACE_STEPS", 9)
+    return same.parent
+
+
+def _chance_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "chance level" in r.getMessage()]
+
+
+def test_a_run_at_chance_level_narrows_its_crops_once_then_says_so(
+    one_picture: Path, image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the grace step the crops narrow from 50% to 90% of the image and the run trains on;
+    a loss still at chance a grace period later is reported once, with the way out that is
+    left, and in the result. The same recipe on 48 different pictures learns, untouched."""
     caplog.set_level(logging.WARNING, logger="simclr.train")
-    stuck = train(_cfg(same.parent, tmp_path / "stuck", epochs=12))
-    warnings = [r.getMessage() for r in caplog.records if "chance level" in r.getMessage()]
+    trainer = Trainer(_cfg(one_picture, tmp_path / "stuck", epochs=12))
+    stuck = trainer.fit()
+    assert trainer.augment.cfg.crop_scale == (0.9, 1.0)  # (TINY's crops: 0.5 to 1)
+    assert stuck.narrowed is not None and (stuck.narrowed.step, stuck.narrowed.crop_from, stuck.narrowed.crop_to) == (9, 0.5, 0.9)
+    assert stuck.narrowed.loss >= 0.99 * stuck.chance_loss
+    narrowed, reported = _chance_warnings(caplog)
+    assert "at step 9 " in narrowed and "crops keep at least 90%" in narrowed
+    assert "at step 18 " in reported and "--init" in reported and "--crop-min 0.9" not in reported
     assert stuck.chance_loss == pytest.approx(math.log(2 * 16 - 1))
     assert stuck.at_chance and stuck.final_loss >= 0.99 * stuck.chance_loss
-    assert len(warnings) == 1 and "--crop-min 0.9" in warnings[0] and "step 9 " in warnings[0]
-    assert "chance level" in stuck.chance_line()
+    assert "--init" in stuck.chance_line() and "step 9 " in stuck.narrowed_line()
+    records = [json.loads(line) for line in (tmp_path / "stuck" / METRICS).read_text().splitlines()]
+    assert [(r["step"], r["crop_min"]) for r in records if r["kind"] == "crops"] == [(9, 0.9)]
     caplog.clear()
-    learned = train(_cfg(image_folder, tmp_path / "learned", epochs=12))
-    assert not learned.at_chance and learned.chance_line() is None
-    assert learned.final_loss < 0.9 * learned.chance_loss
-    assert not [r for r in caplog.records if "chance level" in r.getMessage()]
+    learned = Trainer(_cfg(image_folder, tmp_path / "learned", epochs=12))
+    result = learned.fit()
+    assert not result.at_chance and result.chance_line() is None and result.narrowed is None
+    assert learned.augment.cfg.crop_scale == (0.5, 1.0)
+    assert result.final_loss < 0.9 * result.chance_loss
+    assert not _chance_warnings(caplog)
+
+
+def test_chance_crop_min_0_keeps_the_crops_and_warns_with_the_crop_advice(
+    one_picture: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="simclr.train")
+    trainer = Trainer(_cfg(one_picture, tmp_path / "kept", epochs=12, chance_crop_min=0.0))
+    result = trainer.fit()
+    assert result.narrowed is None and result.narrowed_line() is None and trainer.augment.cfg.crop_scale == (0.5, 1.0)
+    (warning,) = _chance_warnings(caplog)
+    assert "at step 9 " in warning and "--crop-min 0.9" in warning
+    assert result.at_chance and "--crop-min 0.9" in result.chance_line()
+
+
+def test_a_run_resumed_after_its_crops_narrowed_goes_on_exactly(one_picture: Path, tmp_path: Path) -> None:
+    """The narrowing is part of the checkpoint: a run stopped after it and resumed trains with
+    the narrowed crops, to the same weights as the run that never stopped."""
+    straight = train(_cfg(one_picture, tmp_path / "straight", epochs=6, save_minutes=0.0))
+    Trainer(_cfg(one_picture, tmp_path / "stopped", epochs=6, save_minutes=0.0)).fit(until_epoch=4)  # (narrowed at 9)
+    resumed = Trainer(_cfg(one_picture, tmp_path / "stopped", epochs=6), resume=True)
+    assert resumed.augment.cfg.crop_scale == (0.9, 1.0) and resumed.narrowed.step == 9
+    result = resumed.fit()
+    assert result.narrowed == straight.narrowed
+    a, b = _weights(straight.checkpoint), _weights(result.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chance_crop_min_outside_0_to_1_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    for bad in (-0.1, 1.5):
+        with pytest.raises(SimCLRError, match="chance-crop-min must lie in"):
+            _cfg(image_folder, tmp_path, epochs=1, chance_crop_min=bad).validate()
 
 
 def test_epochs_write_files_when_a_save_is_due(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
