@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,29 @@ def test_two_process_training_saves_once_and_resumes(image_folder: Path, tmp_pat
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     again = _torchrun("train", "--out", tmp_path, "--resume", "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_two_processes_at_chance_level_narrow_their_crops_together(tmp_path: Path) -> None:
+    """48 copies of one picture keep the loss at chance level: both processes judge the same
+    all-reduced loss, so the run narrows its crops once, past step 100, says so once, and ends
+    without hanging."""
+    from PIL import Image
+
+    from tests.helpers import pattern
+
+    one = Image.fromarray(pattern("checks", np.random.default_rng(0)))
+    (tmp_path / "same" / "part").mkdir(parents=True)
+    for i in range(48):
+        one.save(tmp_path / "same" / "part" / f"{i:02d}.png")
+    r = _torchrun("train", "--data", tmp_path / "same", "--out", tmp_path / "run", "--width", "8", "--stem", "small",
+                  "--image-size", "16", "--batch-size", "16", "--epochs", "40", "--knn-every", "0", "--no-progress",
+                  "--optimizer", "adamw", "--lr", "0.002", "--lr-scaling", "none", "--head-hidden", "32", "--head-out", "16",
+                  "--pooling", "global", "--no-flip-average")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (step,) = re.findall(r"note: the NT-Xent loss was at chance level at step (\d+) ", r.stdout)  # (once)
+    assert 100 <= int(step) <= 120
+    assert r.stderr.count("crops keep at least 90%") == 1  # (the log line, from rank 0 only)
+    assert safe_load(tmp_path / "run" / "checkpoint.pt")["crops_narrowed"]["step"] == int(step)
 
 
 def test_two_processes_stream_a_folder_each_with_its_own_decoded_images(image_folder: Path, tmp_path: Path) -> None:
