@@ -10,10 +10,11 @@ anomalies are small defects of the part. Layout, as in MVTec AD::
     OUT/test/<defect>/<n>.jpg       parts with one defect each
 
 The part is a gear (``--part``: or a nut, or a washer) whose design (teeth, hub, spokes; the
-nut's hole and corners) comes from the seed and is the same in every image. Each photo, 128 x 128 px: the belt (one fixed texture, seen through a window that
-moves with the belt), the part at the centre give or take 4 px, turned by up to 8 degrees, at
-0.62 of the frame give or take 3%, steel grey under the same light give or take a little, its
-shadow, then exposure, sensor noise and JPEG at quality 85-95. The defects:
+nut's hole and corners) comes from the seed and is the same in every image. Each photo,
+128 x 128 px: the belt (one fixed texture, seen through a window that moves with the belt), the
+part at the centre give or take 4 px, turned by up to 8 degrees, at 0.62 of the frame give or
+take 3%, steel grey under the same light give or take a little, its shadow, then exposure,
+sensor noise and JPEG at quality 85-95. The defects:
 
 - ``missing``: a bite out of the rim (a tooth or two gone);
 - ``scratch``: a dark thin line across the face;
@@ -92,12 +93,12 @@ def defect_ops(kind: str, rng: np.random.Generator, hole: float | None = None) -
     return []
 
 
-def central_hole(ops: list) -> float | None:
-    """The radius of a nut's or washer's central hole (the first hole about the centre), None for a gear."""
+def central_hole(ops: list) -> float:
+    """The radius of a nut's or washer's central hole: its design's first hole about the centre."""
     for op in ops:
-        if op[0] == "hole" and np.abs(op[1].mean(0)).max() < 1e-6 and np.abs(op[1]).max() > 0.3:
+        if op[0] == "hole" and np.abs(op[1].mean(0)).max() < 1e-6:
             return float(np.hypot(*op[1].T).max())
-    return None
+    raise ValueError("the design has no hole at its centre")
 
 
 def render(seed: int, split: str, kind: str, i: int, part: str = "gear") -> Image.Image:
