@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,9 @@ def constructed(args: argparse.Namespace) -> None:
     cal = None if ranges == DEFAULT_RANGES else calibrate_threshold(store, encoder, ranges=ranges)
     print(f"indexed {n} items in {build_s:.1f}s; calibration {(cal.info() if cal else info).__dict__}", flush=True)
 
-    def whole_command(pixels: bool) -> dict:
+    def whole_command(pixels: bool, given: dict | None = None) -> dict:
         """``retrieval duplicates`` as a user runs it, at the calibrated thresholds."""
-        given = {} if cal is None else (
+        given = given if given is not None else {} if cal is None else (
             {"threshold": cal.candidate_threshold, "pixel_threshold": cal.pixel_threshold} if pixels
             else {"threshold": cal.threshold})
         start = time.perf_counter()
@@ -168,6 +169,11 @@ def constructed(args: argparse.Namespace) -> None:
     print("calibrated, pixels checked:", at_calibrated, flush=True)
     embedding_alone = whole_command(pixels=False)
     print("calibrated, the embedding alone (--no-pixels):", embedding_alone, flush=True)
+    with crops_alone():  # the control: the pixel score before it searched turns, calibrated the same way
+        old = calibrate_threshold(store, encoder, ranges=ranges)
+        crops_only = whole_command(True, {"threshold": old.candidate_threshold, "pixel_threshold": old.pixel_threshold})
+        crops_only["calibration"] = old.info().__dict__
+    print("calibrated, pixels checked by crops alone (the score before):", crops_only, flush=True)
 
     # One kNN graph at a low floor serves every threshold of the curves.
     first = content_firsts(store.items.hashes)
@@ -244,6 +250,7 @@ def constructed(args: argparse.Namespace) -> None:
         "make_s": round(make_s, 1), "build_s": round(build_s, 1), "stored_calibration": info.__dict__,
         "recalibrated": None if cal is None else cal.info().__dict__,
         "at_calibrated": at_calibrated, "embedding_alone_at_calibrated": embedding_alone,
+        "crops_alone_at_calibrated": crops_only,
         "graph": {"pairs": int(len(a)), "true_pairs_in_graph": int(is_true.sum()),
                   "pairs_above_the_candidate_bar": int((sims >= candidate).sum()),
                   "pixel_scoring_s": round(pixel_s, 2), "pairs_per_s": round(len(a) / max(pixel_s, 1e-9))},
@@ -258,6 +265,18 @@ def constructed(args: argparse.Namespace) -> None:
     }
     write_report(report_json, str(out / "report.json"), show=False)
     print(json.dumps({k: v for k, v in report_json.items() if k not in ("curve", "pixel_curve")}, indent=2))
+
+
+@contextmanager
+def crops_alone():
+    """The aligned pixel score without its turns (:data:`retrieval.pixel_match.TURNS`): crops alone."""
+    from retrieval import pixel_match
+
+    saved, pixel_match.TURNS = pixel_match.TURNS, ()
+    try:
+        yield
+    finally:
+        pixel_match.TURNS = saved
 
 
 def untrained_encoder(image_size: int, whiten_on: str, path: Path) -> str:

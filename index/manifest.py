@@ -92,6 +92,9 @@ class DuplicatesInfo:
     pixel_percentile: float | None = None
     pixel_copies_bound: float | None = None
     pixel_neighbours_bound: float | None = None
+    # Which aligned pixel score the pixel threshold was calibrated on (``None``: the first, crops
+    # alone); a threshold of another score is measured again rather than applied to this one.
+    pixel_score: str | None = None
 
     def describe(self, when: str | None = "at build time") -> str:
         """How the embedding-alone ``threshold`` was calibrated, in words."""
@@ -107,7 +110,7 @@ class DuplicatesInfo:
         """How the thresholds of the pixel check were calibrated, in words."""
         text = (f"{'calibrated ' + when + ': ' if when else ''}pairs proposed by the embedding at the "
                 f"{ordinal(self.candidate_percentile)} percentile of {self.count} altered copies' similarity, kept "
-                f"when their aligned pixels score at least the {ordinal(self.pixel_percentile)} percentile of the "
+                f"when their aligned pixels ({self.pixel_score or 'crops'}) score at least the {ordinal(self.pixel_percentile)} percentile of the "
                 f"copies' pixel score")
         raised = self.pixel_neighbours_bound is not None and self.pixel_copies_bound is not None and \
             self.pixel_neighbours_bound > self.pixel_copies_bound

@@ -35,6 +35,7 @@ from common.errors import UserError
 from retrieval.alterations import DEFAULT_RANGES, AlterationRanges, alter
 from retrieval.errors import RetrievalError
 from retrieval.item_source import ItemSource
+from retrieval.pixel_match import PIXEL_SCORE
 
 if TYPE_CHECKING:
     from index import IndexStore
@@ -111,7 +112,8 @@ class ThresholdCalibration:
                               candidate_threshold=self.candidate_threshold if pixels else None,
                               candidate_percentile=self.candidate_percentile if pixels else None,
                               pixel_threshold=self.pixel_threshold, pixel_percentile=self.pixel_percentile if pixels else None,
-                              pixel_copies_bound=self.pixel_copies_bound, pixel_neighbours_bound=self.pixel_neighbours_bound)
+                              pixel_copies_bound=self.pixel_copies_bound, pixel_neighbours_bound=self.pixel_neighbours_bound,
+                              pixel_score=PIXEL_SCORE if pixels else None)
 
 
 def _percentile(values: np.ndarray | None, q: float) -> float | None:
@@ -260,9 +262,13 @@ def resolve_threshold(store: IndexStore, threshold: float | None = None, pixel_t
     use_pixels = pixels and has_thumbs
     info, when = store.manifest.duplicates, "at build time"
     needs = (threshold is None) or (use_pixels and pixel_threshold is None)
-    if needs and (info is None or (use_pixels and info.pixel_threshold is None)):
+    # A pixel threshold calibrated on an earlier score would let through what this one lifts.
+    stale = (info is not None and use_pixels and pixel_threshold is None and info.pixel_threshold is not None
+             and info.pixel_score != PIXEL_SCORE)
+    if needs and (info is None or (use_pixels and info.pixel_threshold is None) or stale):
         info = measure() if measure is not None else _calibrate_now(store, device).info()
-        when = "now (the index has no stored calibration)"
+        when = ("now (the index's stored pixel threshold is of an earlier pixel score)" if stale
+                else "now (the index has no stored calibration)")
     notes = [] if has_thumbs or not pixels else [
         "the embedding alone decides: the index stores no thumbnails for a pixel check (rebuild it for one)"]
     if not use_pixels:

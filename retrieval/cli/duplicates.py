@@ -36,9 +36,9 @@ def duplicates(
 ) -> None:
     """Groups of items that are the same picture: exact copies and near duplicates.
 
-    Near duplicates are re-encoded, resized, cropped or brightened copies: items among each
-    other's k nearest neighbours at a similarity of at least the threshold whose small
-    grayscale thumbnails, aligned for crops and shifts, correlate at least at the pixel
+    Near duplicates are re-encoded, resized, cropped, turned or brightened copies: items among
+    each other's k nearest neighbours at a similarity of at least the threshold whose small
+    grayscale thumbnails, aligned for crops, shifts and turns, correlate at least at the pixel
     threshold (every such pair joins one group). Groups come largest first, each member with
     its similarity (and pixel score) to the group's first member."""
     from retrieval.duplicates import find_duplicates

@@ -38,8 +38,8 @@ DUPLICATE_ROWS = 2000  # members listed in its table at most
 DUPLICATE_SCANS = 4  # scans kept (the latest thresholds asked for)
 SHEET_ITEMS = 8  # thumbnails per group (two rows of four)
 DUPLICATES_DOC = ("Items that are the same picture: exact copies (same file content) and near duplicates "
-                  "(re-encoded, resized, slightly cropped, brightened ...): pairs the embedding proposes above the "
-                  "similarity threshold, kept when their small grayscale thumbnails, aligned for crops, agree. "
+                  "(re-encoded, resized, slightly cropped or turned, brightened ...): pairs the embedding proposes above the "
+                  "similarity threshold, kept when their small grayscale thumbnails, aligned for crops and turns, agree. "
                   "Leave the threshold empty for the index's calibrated one.")
 
 HOW_TO_BUILD = """

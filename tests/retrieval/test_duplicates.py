@@ -489,6 +489,28 @@ def test_an_index_without_a_stored_threshold_is_calibrated_on_demand(dup_index: 
     assert (given.similarity, given.pixels) == (0.5, first.pixels) and len(measured) == 1
 
 
+def test_a_pixel_threshold_calibrated_on_an_earlier_score_is_measured_again(dup_index: Path, tmp_path: Path) -> None:
+    from retrieval.pixel_match import PIXEL_SCORE
+
+    stored = json.loads((dup_index / "manifest.json").read_text())["duplicates"]
+    assert stored["pixel_score"] == PIXEL_SCORE
+    assert f"aligned pixels ({PIXEL_SCORE}) score at least" in run("info", dup_index).output
+    copy = tmp_path / "idx"
+    shutil.copytree(dup_index, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["duplicates"]["pixel_score"]  # as an index built when the score aligned crops alone,
+    manifest["duplicates"]["pixel_threshold"] = 0.5  # whose threshold would let through what turns lift
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    report = json.loads(run("duplicates", copy, "--json", "--device", "cpu").output)
+    assert "calibrated now (the index's stored pixel threshold is of an earlier pixel score)" in report["threshold_source"]
+    assert report["pixel_threshold"] == pytest.approx(stored["pixel_threshold"], abs=1e-5)
+    assert report["threshold"] == pytest.approx(stored["candidate_threshold"], abs=1e-4)
+    # A pixel threshold given needs nothing measured: the stored embedding bar still holds.
+    given = json.loads(run("duplicates", copy, "--json", "--pixel-threshold", 0.9).output)
+    assert given["threshold_source"].startswith("pixels given; the other calibrated at build time")
+    assert given["threshold"] == stored["candidate_threshold"] and given["pixel_threshold"] == 0.9
+
+
 def test_an_index_without_thumbnails_falls_back_to_the_embedding_and_says_so(dup_index: Path, dup_folder,  # noqa: ANN001
                                                                             tmp_path: Path) -> None:
     copy = tmp_path / "idx"

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.pixel_match import CROPS, SIZE, THUMB, pair_scores, signatures, thumbnail, thumbnails_of
+from retrieval.pixel_match import CROPS, SIZE, THUMB, TURN_CROPS, TURNS, pair_scores, signatures, thumbnail, thumbnails_of, turned
 
 SCALE = 40  # every crop edge and every sample edge falls on a whole pixel of the thumbnail x 40
 
 
-def naive_signatures(thumb: np.ndarray) -> np.ndarray:
+def naive_signatures(thumb: np.ndarray, crops: tuple = CROPS) -> np.ndarray:
     """Each crop of the thumbnail by plain area averaging: the thumbnail blown up SCALE times
     (each pixel a block), cut at whole pixels, averaged over SIZE x SIZE blocks."""
     big = np.kron(thumb.reshape(THUMB, THUMB).astype(np.float64), np.ones((SCALE, SCALE)))
     side = THUMB * SCALE
     out = []
-    for cy, oy in CROPS:
-        for cx, ox in CROPS:
+    for cy, oy in crops:
+        for cx, ox in crops:
             top, bottom = round(cy * oy * side), round(side - cy * (1 - oy) * side)
             left, right = round(cx * ox * side), round(side - cx * (1 - ox) * side)
             crop = big[top:bottom, left:right]
@@ -31,9 +31,32 @@ def naive_signatures(thumb: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def naive_score(ta: np.ndarray, tb: np.ndarray) -> float:
+def naive_turn(thumb: np.ndarray, degrees: float) -> np.ndarray:
+    """The thumbnail turned counter-clockwise about its centre, one output pixel at a time:
+    each samples the input bilinearly where the turn takes it from, clamped to the edges."""
+    img = thumb.reshape(THUMB, THUMB).astype(np.float64)
+    t, c = np.deg2rad(degrees), (THUMB - 1) / 2
+    out = np.empty_like(img)
+    for y in range(THUMB):
+        for x in range(THUMB):
+            sx = min(max(c + np.cos(t) * (x - c) - np.sin(t) * (y - c), 0), THUMB - 1)
+            sy = min(max(c + np.sin(t) * (x - c) + np.cos(t) * (y - c), 0), THUMB - 1)
+            x0, y0 = min(int(sx), THUMB - 2), min(int(sy), THUMB - 2)
+            fx, fy = sx - x0, sy - y0
+            out[y, x] = ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1])
+                         + fy * ((1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]))
+    return out.ravel()
+
+
+def naive_score(ta: np.ndarray, tb: np.ndarray, turns: tuple[float, ...] = TURNS) -> float:
+    """The best correlation with the other whole of any crop of either thumbnail, and of any
+    centred crop of either turned."""
     sa, sb = naive_signatures(ta), naive_signatures(tb)
-    return float(max((sa @ sb[0]).max(), (sb @ sa[0]).max()))
+    best = max((sa @ sb[0]).max(), (sb @ sa[0]).max())
+    for d in turns:
+        best = max(best, (naive_signatures(naive_turn(ta, d), TURN_CROPS) @ sb[0]).max(),
+                   (naive_signatures(naive_turn(tb, d), TURN_CROPS) @ sa[0]).max())
+    return float(best)
 
 
 def smooth(rng: np.random.Generator, side: int = 240, cells: int = 5) -> Image.Image:
@@ -49,6 +72,15 @@ def test_scores_equal_a_naive_area_averaging_reference() -> None:
     want = np.array([naive_score(thumbs[i], thumbs[j]) for i, j in zip(a, b)])
     np.testing.assert_allclose(got, want, atol=2e-5)
     np.testing.assert_allclose(signatures(thumbs[:3]), np.stack([naive_signatures(t) for t in thumbs[:3]]), atol=2e-5)
+    for d in (TURNS[0], 3.3):
+        np.testing.assert_allclose(turned(thumbs[:2], d), np.stack([naive_turn(t, d) for t in thumbs[:2]]), atol=1e-3)
+    crops = np.array([naive_score(thumbs[i], thumbs[j], turns=()) for i, j in zip(a, b)])
+    np.testing.assert_allclose(pair_scores(thumbs, a, b, batch=5, turns=False), crops, atol=2e-5)
+    assert (want > crops + 1e-3).sum() >= 3  # the turns do lift some pairs: the reference tells them apart
+    # A scan's shortcut: pairs under turn_from keep the crops' score, the rest get the full one.
+    cut = float(np.median(crops))
+    np.testing.assert_allclose(pair_scores(thumbs, a, b, batch=5, turn_from=cut), np.where(crops >= cut, want, crops),
+                               atol=2e-5)
 
 
 def test_brightness_contrast_and_crops_are_seen_through_and_distinct_pictures_are_not() -> None:
@@ -66,6 +98,21 @@ def test_brightness_contrast_and_crops_are_seen_through_and_distinct_pictures_ar
     # Unaligned, the crop correlates visibly less: the alignment is what recovers it.
     whole = signatures(thumbs[[0, n + 2]])[:, 0]
     assert float(whole[0] @ whole[1]) < same[2] - 0.02
+    a, b = np.triu_indices(n, 1)
+    assert pair_scores(thumbs, a, b).max() < 0.9
+
+
+def test_a_copy_turned_by_a_few_degrees_is_seen_through_and_distinct_pictures_are_not() -> None:
+    rng = np.random.default_rng(4)
+    pics = [smooth(rng, cells=8) for _ in range(12)]
+    base = np.stack([thumbnail(p) for p in pics])
+    copies = np.stack([thumbnail(pics[0].rotate(d, resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128)))
+                       for d in (-4.5, -2.5, 1.5, 3.5)])
+    thumbs = np.concatenate([base, copies])
+    n = len(base)
+    copy_pairs = (np.zeros(4, int), n + np.arange(4))
+    now, before = pair_scores(thumbs, *copy_pairs), pair_scores(thumbs, *copy_pairs, turns=False)
+    assert now.min() > 0.98 and before.min() < 0.95, (now, before)
     a, b = np.triu_indices(n, 1)
     assert pair_scores(thumbs, a, b).max() < 0.9
 
