@@ -110,8 +110,8 @@ class DuplicatesInfo:
         """How the thresholds of the pixel check were calibrated, in words."""
         text = (f"{'calibrated ' + when + ': ' if when else ''}pairs proposed by the embedding at the "
                 f"{ordinal(self.candidate_percentile)} percentile of {self.count} altered copies' similarity, kept "
-                f"when their aligned pixels ({self.pixel_score or 'crops'}) score at least the {ordinal(self.pixel_percentile)} percentile of the "
-                f"copies' pixel score")
+                f"when their aligned pixels ({self.pixel_score or 'crops'}) score at least the "
+                f"{ordinal(self.pixel_percentile)} percentile of the copies' pixel score")
         raised = self.pixel_neighbours_bound is not None and self.pixel_copies_bound is not None and \
             self.pixel_neighbours_bound > self.pixel_copies_bound
         if raised:

@@ -199,7 +199,8 @@ def pair_scores(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = B
         f = _Factors(x)
         whole = _pulled(f.unit)
         ia, ib = inverse[: len(pa)], inverse[len(pa) :]
-        best = np.maximum(_best_crop(f.rows[ia], f.spread[ia], whole[ib]), _best_crop(f.rows[ib], f.spread[ib], whole[ia]))
+        best = np.maximum(_best_crop(f.rows[ia], f.spread[ia], whole[ib]),
+                          _best_crop(f.rows[ib], f.spread[ib], whole[ia]))
         turn = best < 1.0  # a pair at 1 already is as alike as it gets
         if turn_from is not None:
             turn &= best >= turn_from

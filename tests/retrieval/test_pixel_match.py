@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.pixel_match import CROPS, SIZE, THUMB, TURN_CROPS, TURNS, pair_scores, signatures, thumbnail, thumbnails_of, turned
+from retrieval.pixel_match import (CROPS, SIZE, THUMB, TURN_CROPS, TURNS, pair_scores, signatures, thumbnail,
+                                   thumbnails_of, turned)
 
 SCALE = 40  # every crop edge and every sample edge falls on a whole pixel of the thumbnail x 40
 
@@ -48,14 +49,18 @@ def naive_turn(thumb: np.ndarray, degrees: float) -> np.ndarray:
     return out.ravel()
 
 
-def naive_score(ta: np.ndarray, tb: np.ndarray, turns: tuple[float, ...] = TURNS) -> float:
-    """The best correlation with the other whole of any crop of either thumbnail, and of any
-    centred crop of either turned."""
-    sa, sb = naive_signatures(ta), naive_signatures(tb)
+def naive_views(thumb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The thumbnail's naive signatures: every crop, and the crops of TURN_CROPS of it turned by each of TURNS."""
+    return naive_signatures(thumb), [naive_signatures(naive_turn(thumb, d), TURN_CROPS) for d in TURNS]
+
+
+def naive_score(va: tuple, vb: tuple, turns: bool = True) -> float:
+    """The best correlation with the other whole of any crop of either thumbnail, and (with
+    ``turns``) of any crop of TURN_CROPS of either turned."""
+    (sa, turned_a), (sb, turned_b) = va, vb
     best = max((sa @ sb[0]).max(), (sb @ sa[0]).max())
-    for d in turns:
-        best = max(best, (naive_signatures(naive_turn(ta, d), TURN_CROPS) @ sb[0]).max(),
-                   (naive_signatures(naive_turn(tb, d), TURN_CROPS) @ sa[0]).max())
+    if turns:
+        best = max([best] + [(t @ sb[0]).max() for t in turned_a] + [(t @ sa[0]).max() for t in turned_b])
     return float(best)
 
 
@@ -69,12 +74,13 @@ def test_scores_equal_a_naive_area_averaging_reference() -> None:
                                                                     for _ in range(4)])
     a, b = np.triu_indices(len(thumbs), 1)
     got = pair_scores(thumbs, a, b, batch=7)  # batches that cut the pairs unevenly
-    want = np.array([naive_score(thumbs[i], thumbs[j]) for i, j in zip(a, b)])
+    views = [naive_views(t) for t in thumbs]
+    want = np.array([naive_score(views[i], views[j]) for i, j in zip(a, b)])
     np.testing.assert_allclose(got, want, atol=2e-5)
-    np.testing.assert_allclose(signatures(thumbs[:3]), np.stack([naive_signatures(t) for t in thumbs[:3]]), atol=2e-5)
+    np.testing.assert_allclose(signatures(thumbs[:3]), np.stack([v[0] for v in views[:3]]), atol=2e-5)
     for d in (TURNS[0], 3.3):
         np.testing.assert_allclose(turned(thumbs[:2], d), np.stack([naive_turn(t, d) for t in thumbs[:2]]), atol=1e-3)
-    crops = np.array([naive_score(thumbs[i], thumbs[j], turns=()) for i, j in zip(a, b)])
+    crops = np.array([naive_score(views[i], views[j], turns=False) for i, j in zip(a, b)])
     np.testing.assert_allclose(pair_scores(thumbs, a, b, batch=5, turns=False), crops, atol=2e-5)
     assert (want > crops + 1e-3).sum() >= 3  # the turns do lift some pairs: the reference tells them apart
     # A scan's shortcut: pairs under turn_from keep the crops' score, the rest get the full one.
