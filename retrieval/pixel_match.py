@@ -14,8 +14,8 @@ correlation, over :data:`CROPS` x :data:`CROPS` crops of either item's thumbnail
 each axis, at either end or split), and over the :data:`TURN_CROPS` x :data:`TURN_CROPS` crops
 of it turned by each angle of :data:`TURNS`, resampled to ``SIZE`` x ``SIZE``, against the
 other's whole thumbnail at that size: 1 for the same picture up to a crop, a turn of a few
-degrees, brightness and contrast. :data:`PIXEL_SCORE` names this
-score, so that a threshold calibrated on an earlier one is not applied to it.
+degrees, brightness and contrast. :data:`PIXEL_SCORE` names this score, so that a threshold
+calibrated on an earlier one is not applied to it.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ class _CropSet:
     samples add up; ``per_crop`` (c, SIZE, THUMB)."""
 
     def __init__(self, crops: tuple[tuple[float, float], ...]):
-        self.crops = crops
         self.count = len(crops)
         self.axis = np.concatenate([_resampler(c * o * THUMB, THUMB - c * (1 - o) * THUMB) for c, o in crops])
         self.per_crop = self.axis.reshape(self.count, SIZE, THUMB)
@@ -85,7 +84,6 @@ class _CropSet:
 
 
 _ALL = _CropSet(CROPS)
-_AXIS = _ALL.axis  # every crop of one axis, stacked: (len(CROPS) * SIZE, THUMB)
 # The crops a turned image is tried at, per axis: the whole, 5% off either end or split, 10%
 # split (25 instead of 49). On the constructed sets they find what all 49 find, at two thirds of
 # the cost (BENCHMARKS.md, "Near-duplicates").
@@ -100,7 +98,7 @@ def signatures(thumbs: np.ndarray) -> np.ndarray:
     x = np.asarray(thumbs, dtype=np.float32).reshape(-1, THUMB, THUMB)
     c = len(CROPS)
     # Resampling is linear: all vertical crops by one product, then all horizontal ones.
-    grid = np.matmul(np.matmul(_AXIS, x), _AXIS.T)  # (n, c * SIZE, c * SIZE)
+    grid = np.matmul(np.matmul(_ALL.axis, x), _ALL.axis.T)  # (n, c * SIZE, c * SIZE)
     sig = grid.reshape(len(x), c, SIZE, c, SIZE).transpose(0, 1, 3, 2, 4).reshape(len(x), c * c, SIZE * SIZE)
     sig -= sig.mean(axis=2, keepdims=True)
     sig /= np.maximum(np.linalg.norm(sig, axis=2, keepdims=True), 1e-6)
