@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.answers import Hit
-from retrieval.pixel_match import TURN_MARGIN, pair_scores, stored_thumbnails
+from retrieval.pixel_match import pair_scores, pairs_reaching, stored_thumbnails
 
 if TYPE_CHECKING:  # FAISS is imported only where an index is used
     from index import IndexStore
@@ -311,7 +311,7 @@ def scan(store: IndexStore, threshold: float, k: int = DEFAULT_K, nprobe: int | 
         if thumbs is None:
             raise ValueError("a pixel threshold needs the index's thumbnails")
         proposed = len(a)
-        keep = pair_scores(thumbs, a, b, turn_from=pixel_threshold - TURN_MARGIN) >= pixel_threshold
+        keep = pairs_reaching(thumbs, a, b, pixel_threshold)
         a, b = a[keep], b[keep]
         how += f", {len(a)} of {proposed} proposed pairs kept by their pixels"
     labels = group_labels(n, first, a, b)
@@ -366,9 +366,9 @@ def fold_hits(hits: list[Hit], vectors: np.ndarray, hashes: list[str], threshold
     sims = v @ v.T
     if thumbs is not None and pixel_threshold is not None:
         i, j = np.triu_indices(len(ids), 1)
-        pixels = np.ones_like(sims)
-        pixels[i, j] = pixels[j, i] = pair_scores(thumbs, ids[i], ids[j], turn_from=pixel_threshold - TURN_MARGIN)
-        sims[pixels < pixel_threshold] = -np.inf  # the pixels say these are different pictures
+        alike = np.ones(sims.shape, bool)
+        alike[i, j] = alike[j, i] = pairs_reaching(thumbs, ids[i], ids[j], pixel_threshold)
+        sims[~alike] = -np.inf  # the pixels say these are different pictures
     codes: dict[str, int] = {}
     content = np.array([codes.setdefault(hashes[i] or f"item {i}", len(codes)) for i in ids])
     sims[content[:, None] == content[None, :]] = np.inf  # same content: always a duplicate, and the closest one

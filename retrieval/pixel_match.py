@@ -217,6 +217,12 @@ def pair_scores(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = B
     return out
 
 
+def pairs_reaching(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether each pair's score (:func:`pair_scores`) reaches ``threshold``, turning only the
+    pairs that a turn could lift to it (``turn_from``, :data:`TURN_MARGIN` under it)."""
+    return pair_scores(thumbs, a, b, turn_from=threshold - TURN_MARGIN) >= threshold
+
+
 def stored_thumbnails(store) -> np.ndarray | None:  # noqa: ANN001 (an IndexStore)
     """The index's thumbnails, or ``None`` for an index built before they were stored (or one
     appended to since, whose new items have none)."""
