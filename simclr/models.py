@@ -119,7 +119,22 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, init: str) -> None:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise SimCLRError(f"{path}: expected a state dict of {arch} weights")
+            hint = " (an encoder file of this tool? retrieval train --init takes one)" if isinstance(state, dict) and "backbone" in state else ""
+            raise SimCLRError(f"{path}: expected a state dict of {arch} weights{hint}")
+    fit_weights(backbone, arch, state, where)
+
+
+def fit_weights(backbone: nn.Module, arch: str, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load the ResNet state dict ``state`` (read from ``where``) into ``backbone``.
+
+    The first convolution is averaged over its input channels when ``backbone`` has other
+    channels, and dropped (left at random) when its kernel differs (another stem); the
+    classifier is dropped.
+
+    Raises:
+        SimCLRError: weights of another architecture (both named), or tensors that do not fit
+            ``backbone`` (of another shape, unknown, or missing, which would stay random).
+    """
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     found = _arch_of(state)
     if found is not None and found != arch:

@@ -1,10 +1,12 @@
-"""An encoder from pretrained torchvision weights, untrained here: to index a collection at once.
+"""Pretrained weights: an encoder from torchvision's, and the weights a training run starts from.
 
 ImageNet-trained ResNets give useful features for photos without any training on them; this
 wraps such weights in an :class:`~simclr.encoder.Encoder` fed the way they were trained (the
 standard 7x7/2 stem with max-pool, width 64, ImageNet's normalisation). Its whitening, which
 needs images of the collection, is fit by :func:`retrieval.pretrained.encoder_from_weights`
 (streaming files needs :mod:`retrieval.embed`, which this package must not import).
+:func:`load_initial_weights` starts a training run (``retrieval train --init``) from such weights
+or from an encoder file of this tool, trained earlier on a broader collection.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from simclr.encoder import Encoder, EncoderSpec
+from simclr.checkpoint import safe_load
+from simclr.encoder import FORMAT, Encoder, EncoderSpec
 from simclr.errors import SimCLRError
-from simclr.models import build_backbone, load_imagenet_weights
+from simclr.models import build_backbone, fit_weights, load_imagenet_weights
 
 # The normalisation torchvision's ImageNet weights were trained with (RGB, [0, 1] units).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +34,50 @@ def imagenet_stats(in_channels: int) -> tuple[list[float], list[float]]:
     if in_channels == 3:
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return [sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels
+
+
+def _per_channel(values: list[float], in_channels: int) -> list[float]:
+    return list(values) if len(values) == in_channels else [sum(values) / len(values)] * in_channels
+
+
+def is_encoder_file(path: Path) -> bool:
+    """Whether ``path`` is an encoder file of this tool (not a torchvision state dict)."""
+    try:
+        return safe_load(path, what="weights file").get("format") == FORMAT
+    except SimCLRError:
+        return False
+
+
+def load_initial_weights(backbone: nn.Module, arch: str, stem: str, width: int, init: str) -> tuple[list[float], list[float]]:
+    """Start ``backbone`` (of ``arch``, ``stem`` and ``width``) from the weights ``init`` names.
+
+    ``init`` is ``"imagenet"`` or a torchvision state-dict file (see
+    :func:`~simclr.models.load_imagenet_weights`), or an encoder file of this tool: its backbone,
+    which must be of the same architecture, stem and width (its first convolution is averaged
+    over channels for other input channels; its whitening is not used).
+
+    Returns:
+        The per-channel mean and std the weights expect their input normalised with, for the
+        backbone's input channels: ImageNet's, or those the encoder file was trained with.
+
+    Raises:
+        SimCLRError: weights that cannot be had or do not fit; an encoder file of another
+            network (both named, with the options that would build its network).
+    """
+    channels = backbone.conv1.in_channels
+    path = Path(init).expanduser()
+    if init != "imagenet" and path.is_file() and is_encoder_file(path):
+        encoder = Encoder.load(path)
+        spec = encoder.spec
+        if (spec.arch, spec.stem, spec.width) != (arch, stem, width):
+            raise SimCLRError(
+                f"--init {path}: an encoder of {spec.arch}, stem {spec.stem}, width {spec.width}, but this run builds "
+                f"{arch}, stem {stem}, width {width} (pass --arch {spec.arch} --stem {spec.stem} --width {spec.width})"
+            )
+        fit_weights(backbone, arch, dict(encoder.backbone.state_dict()), str(path))
+        return _per_channel(spec.mean, channels), _per_channel(spec.std, channels)
+    load_imagenet_weights(backbone, arch, init)
+    return imagenet_stats(channels)
 
 
 def weights_name(init: str) -> str:

@@ -30,10 +30,10 @@ from simclr.errors import SimCLRError
 from simclr.knn import knn_evaluate
 from simclr.loss import AT_CHANCE_SHARE, NTXentLoss, chance_loss
 from simclr.metrics import MetricsLog
-from simclr.models import SimCLRModel, build_backbone, build_head, load_imagenet_weights
+from simclr.models import SimCLRModel, build_backbone, build_head
 from simclr.optim import WarmupCosine, build_optimizer, scaled_lr
 from simclr.pooling import pooled_dim
-from simclr.pretrained import imagenet_stats
+from simclr.pretrained import load_initial_weights
 from simclr.training_data import (
     STATS_IMAGES,
     InMemoryImages,
@@ -188,8 +188,7 @@ class Trainer:
         if self.state is not None:
             mean, std = self.state["stats"]["mean"], self.state["stats"]["std"]
         elif cfg.init != "random":
-            # Pretrained weights expect their inputs normalised as in their own training.
-            mean, std = imagenet_stats(channels)
+            mean = std = None  # pretrained weights expect their inputs normalised as in their own training: below
         else:
             stats_from = source.images if isinstance(source, InMemoryImages) else source.sample(STATS_IMAGES)
             mean, std = channel_stats(stats_from)
@@ -207,7 +206,7 @@ class Trainer:
                         "the encoder will use its features unwhitened", len(source), self.embed_dim,
                         whitening.min_images(self.embed_dim))
         if cfg.init != "random" and self.state is None:
-            load_imagenet_weights(backbone, cfg.arch, cfg.init)
+            mean, std = self.mean, self.std = load_initial_weights(backbone, cfg.arch, cfg.stem, cfg.width, cfg.init)
         head = build_head(cfg.head, backbone.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_depth)
         model = SimCLRModel(backbone, head)
         if cfg.sync_bn and dist.is_dist():

@@ -33,7 +33,7 @@ def train(
     head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the MLP head.")] = None,
     head_out: Annotated[Optional[int], typer.Option(help="Output dimension of the head.")] = None,
     head_depth: Annotated[Optional[int], typer.Option(help="Linear layers in the MLP head.")] = None,
-    init: Annotated[Optional[str], typer.Option(help="random, imagenet (download), or a path to torchvision weights.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random, imagenet (download), a path to torchvision weights, or an encoder file of this tool trained on a broader collection (of the same --arch, --stem and --width).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: --minutes 10 on a CPU, the full recipe on a GPU).")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="Time budget: the step count is fixed from the first steps' time so that warm-up and the cosine schedule end on time (not with --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (images; each gives two views).")] = None,
@@ -167,7 +167,7 @@ def anomaly_eval(
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
     only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
-    stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --chance-crop-min, --rotation-negatives, --seed.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --chance-crop-min, --rotation-negatives, --seed, --init.")] = None,
     width: Annotated[Optional[int], typer.Option(help="strict: channels of the first ResNet stage.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="strict: training resolution in pixels.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="strict: batch size (default: the device's, capped at the class's images).")] = None,
@@ -176,6 +176,7 @@ def anomaly_eval(
     chance_crop_min: Annotated[Optional[float], typer.Option(help="strict: the crops a run at chance level narrows to (0: never), as retrieval train's.")] = None,
     rotation_negatives: Annotated[Optional[bool], typer.Option("--rotation-negatives/--no-rotation-negatives", help="strict: shifted negatives (each image also turned by 90, 180 and 270 degrees).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="strict: random seed of each class's training.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="strict: the weights each class starts from, as retrieval train's --init (an encoder file trained on other data, or imagenet).")] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -186,7 +187,7 @@ def anomaly_eval(
     from retrieval.anomaly_eval import evaluate_protocol
 
     recipe = {"stem": stem, "width": width, "image_size": image_size, "batch_size": batch_size, "pooling": pooling,
-              "crop_min": crop_min, "chance_crop_min": chance_crop_min, "rotation_negatives": rotation_negatives, "seed": seed}
+              "crop_min": crop_min, "chance_crop_min": chance_crop_min, "rotation_negatives": rotation_negatives, "seed": seed, "init": init}
     result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs,
                                train_options={name: value for name, value in recipe.items() if value is not None}, minutes=minutes,
                                device=device, progress=not as_json, score=score, only=only)

@@ -307,6 +307,20 @@ def test_the_strict_protocol_trains_the_recipe_it_is_given_and_reuses_runs_of_tr
     assert r.exit_code == 1 and "unknown pooling 'sideways'" in r.output
 
 
+def test_the_strict_protocol_starts_each_class_from_the_encoder_it_is_given(
+        image_folder: Path, tiny_encoder: Path, tmp_path: Path) -> None:
+    from simclr.encoder import Encoder
+
+    base = ("anomaly-eval", "--protocol", "strict", "--train", image_folder, "--test", image_folder, "-k", 3,
+            "--device", "cpu", "--class", "bars", "--epochs", 1, "--init", tiny_encoder, "--json")
+    r = run(*base, "--work", tmp_path / "w", "--stem", "small", "--width", 8, "--image-size", 16, "--batch-size", 4)
+    assert r.exit_code == 0, r.output
+    assert Encoder.load(tmp_path / "w" / "bars" / "encoder.pt").spec.train_config["init"] == str(tiny_encoder)
+    r = run(*base, "--work", tmp_path / "v", "--stem", "standard", "--width", 8, "--image-size", 16, "--batch-size", 4)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "an encoder of resnet18, stem small, width 8, but this run builds resnet18, stem standard, width 8" in r.output
+
+
 def test_train_and_strict_say_when_the_loss_ended_at_chance_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One kind of thing, every picture the same: the loss can only sit at chance level. retrieval
     train narrows its crops and says so, then warns with the way out left; anomaly-eval's strict

@@ -344,3 +344,33 @@ def test_training_on_one_class_sees_only_its_images(image_folder: Path, tmp_path
     assert safe_load(result.checkpoint)["config"]["classes"] == ["checks"]
     with pytest.raises(SimCLRError, match="has no class 'dogs'; known: bars, checks, stripes"):
         Trainer(_cfg(image_folder, tmp_path / "other", classes=["dogs"]))
+
+
+def test_a_run_starts_from_an_encoder_file_with_its_weights_and_normalisation(
+        tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    """``--init ENCODER``: a collection of one kind adapts an encoder trained on a broader one."""
+    start = Encoder.load(tiny_encoder)
+    trainer = Trainer(_cfg(image_folder, tmp_path / "adapted", init=str(tiny_encoder)))
+    own, given = trainer.model.backbone.state_dict(), start.backbone.state_dict()
+    assert own.keys() == given.keys()
+    for name in own:
+        assert torch.equal(own[name].cpu(), given[name]), name
+    assert list(trainer.mean) == start.spec.mean and list(trainer.std) == start.spec.std
+    scratch = Trainer(_cfg(image_folder, tmp_path / "scratch"))
+    assert not torch.equal(scratch.model.backbone.layer4[0].conv1.weight, own["layer4.0.conv1.weight"])
+    # Grayscale from a colour encoder: the first convolution and the normalisation are the channels' average.
+    gray = Trainer(_cfg(image_folder, tmp_path / "gray", init=str(tiny_encoder), in_channels=1))
+    assert torch.allclose(gray.model.backbone.conv1.weight.cpu(), given["conv1.weight"].mean(1, keepdim=True))
+    assert gray.mean == pytest.approx([sum(start.spec.mean) / 3]) and gray.std == pytest.approx([sum(start.spec.std) / 3])
+
+
+@pytest.mark.parametrize(("change", "option"), [({"width": 16}, "--width 8"), ({"stem": "stride2"}, "--stem small")])
+def test_an_encoder_file_of_another_network_is_refused_naming_both(
+        tiny_encoder: Path, image_folder: Path, tmp_path: Path, change: dict, option: str) -> None:
+    with pytest.raises(SimCLRError) as err:
+        Trainer(_cfg(image_folder, tmp_path / "run", init=str(tiny_encoder), **change))
+    built = {**TINY, **change}
+    assert str(err.value) == (
+        f"--init {tiny_encoder}: an encoder of resnet18, stem small, width 8, but this run builds resnet18, "
+        f"stem {built['stem']}, width {built['width']} (pass --arch resnet18 --stem small --width 8)")
+    assert option in str(err.value) and not (tmp_path / "run" / CHECKPOINT).exists()
