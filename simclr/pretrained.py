@@ -11,12 +11,12 @@ or from an encoder file of this tool, trained earlier on a broader collection.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from simclr.checkpoint import safe_load
 from simclr.encoder import FORMAT, Encoder, EncoderSpec
 from simclr.errors import SimCLRError
 from simclr.models import build_backbone, fit_weights, load_imagenet_weights
@@ -31,21 +31,22 @@ WIDTH = 64  # torchvision's width; ImageNet weights exist at this width only
 def imagenet_stats(in_channels: int) -> tuple[list[float], list[float]]:
     """ImageNet's per-channel mean and std for ``in_channels`` channels: as they are for 3, their
     average repeated otherwise (as :func:`~simclr.models.load_imagenet_weights` averages conv1)."""
-    if in_channels == 3:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return [sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels
+    return _per_channel(IMAGENET_MEAN, in_channels), _per_channel(IMAGENET_STD, in_channels)
 
 
-def _per_channel(values: list[float], in_channels: int) -> list[float]:
+def _per_channel(values: Sequence[float], in_channels: int) -> list[float]:
+    """``values`` as they are for as many channels, their average repeated otherwise."""
     return list(values) if len(values) == in_channels else [sum(values) / len(values)] * in_channels
 
 
 def is_encoder_file(path: Path) -> bool:
-    """Whether ``path`` is an encoder file of this tool (not a torchvision state dict)."""
+    """Whether ``path`` is an encoder file of this tool (not a torchvision state dict). The
+    file is memory-mapped: its tensors are not read."""
     try:
-        return safe_load(path, what="weights file").get("format") == FORMAT
-    except SimCLRError:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip-format torch file: whoever loads it says why
         return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def load_initial_weights(backbone: nn.Module, arch: str, stem: str, width: int, init: str) -> tuple[list[float], list[float]]:
