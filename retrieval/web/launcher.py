@@ -23,7 +23,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @dataclass
 class AppServer:
     url: str  # http://127.0.0.1:PORT/
-    pid: int
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 def free_port() -> int:
@@ -62,7 +66,7 @@ def run_server(argv: list[str], port: int, log: Path, timeout: float = 120) -> I
                 if time.time() > deadline:
                     raise RuntimeError(f"server did not start in {timeout:.0f} s: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
-        yield AppServer(url, proc.pid)
+        yield AppServer(url, proc)
     finally:
         proc.terminate()
         try:

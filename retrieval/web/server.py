@@ -21,6 +21,10 @@ from retrieval.web.api import MAX_BODY, Access, api_app
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "RETRIEVAL_TOKEN"
+# Seconds a stopping server (Ctrl-C, SIGTERM) lets requests in flight finish. An open page keeps an
+# event stream (Gradio's heartbeat) that never ends by itself: without a bound, the server would
+# wait for every tab to close before it stopped.
+SHUTDOWN_SECONDS = 5
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -95,7 +99,8 @@ def serve(index_dir: str | Path | None = None, host: str = "127.0.0.1", port: in
     what = "the JSON API" if api_only else "the app and the JSON API"
     print(f"serving {what} on http://{host}:{port}/ (API: /api/v1, documentation: /api/v1/docs)", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=SHUTDOWN_SECONDS)
     finally:
         batcher.close()
 

@@ -4,6 +4,9 @@ Gradio's file routes, and with ``--auth`` nothing is answered without logging in
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import httpx
 import pytest
 
 from retrieval.web.launcher import serve
+from retrieval.web.server import SHUTDOWN_SECONDS
 
 USER, PASSWORD = "alice", "correct-horse"
 
@@ -90,3 +94,19 @@ def test_path_traversal_through_file_routes_is_refused(secured, image_folder: Pa
             r = client.get(path)
             assert r.status_code in (403, 404, 405), (path, r.status_code)
             assert b"TOP-SECRET" not in r.content and b"root:" not in r.content, path
+
+
+def test_the_server_stops_promptly_while_a_page_is_open(tiny_index: Path, tmp_path: Path) -> None:
+    """An open page holds an event stream (Gradio's heartbeat) that never ends by itself; a stopped
+    server (SIGTERM, as a service manager sends) must not wait for every tab to close."""
+    with serve(tiny_index, tmp_path / "app.log") as app, httpx.Client(base_url=app.url, timeout=30) as client:
+        assert client.get("config").status_code == 200
+        with client.stream("GET", "gradio_api/heartbeat/an-open-page") as page:
+            assert page.status_code == 200 and "text/event-stream" in page.headers["content-type"]
+            start = time.monotonic()
+            app.process.send_signal(signal.SIGTERM)
+            try:
+                app.process.wait(SHUTDOWN_SECONDS + 10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the server was still running {SHUTDOWN_SECONDS + 10} s after SIGTERM with a page open")
+        assert time.monotonic() - start < SHUTDOWN_SECONDS + 10
