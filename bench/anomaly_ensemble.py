@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from anomaly_layers import K, OUT, d_score, feature_files, space  # noqa: E402
+from anomaly_layers import K, OUT, SHRINKAGE, d_score, feature_files, space  # noqa: E402
+from anomaly_scores import leave_one_out, standardised  # noqa: E402
 from anomaly_study import l2_knn, whiten  # noqa: E402
 from retrieval.anomaly import auroc  # noqa: E402
 from simclr.data import load_images  # noqa: E402
@@ -41,15 +42,11 @@ MIDDLE = ["l3s", "l4"]
 LAST = ["l4"]
 
 
-def loo_standardised(g: torch.Tensor, q: torch.Tensor) -> np.ndarray:
-    """The kNN score of the queries, standardised by the gallery's leave-one-out scores (median, IQR)."""
-    from anomaly_layers import SHRINKAGE
-
+def knn_scores(g: torch.Tensor, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The index's score (variant d) of the queries, and each gallery row's leave-one-out score,
+    in one whitening fit on the gallery."""
     gw, qw = whiten(g, g, q, shrinkage=SHRINKAGE)
-    query = l2_knn(qw, gw)[K]
-    own = l2_knn(gw, gw, ks=(K + 1,))[K + 1] * (K + 1) / K  # the k nearest others: itself is at distance 0
-    lo, mid, hi = np.percentile(own, [25, 50, 75])
-    return (query - mid) / max(hi - lo, 1e-12)
+    return l2_knn(qw, gw)[K], leave_one_out(gw)
 
 
 def main() -> None:
@@ -76,11 +73,12 @@ def main() -> None:
             for label, blocks in (("last stage", LAST), ("l3 2x2 + l4", MIDDLE)):
                 a = space(ag, aq, blocks, False)
                 b = space(bg, base_test, blocks, False)
-                row[f"adapted, {label}"] = 100 * auroc(d_score(*a), anomalous)
-                row[f"base, {label}"] = 100 * auroc(d_score(*b), anomalous)
+                (da, ra), (db, rb) = knn_scores(*a), knn_scores(*b)
                 joined = (torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1))
+                row[f"adapted, {label}"] = 100 * auroc(da, anomalous)
+                row[f"base, {label}"] = 100 * auroc(db, anomalous)
                 row[f"both concatenated, {label}"] = 100 * auroc(d_score(*joined), anomalous)
-                row[f"both scores summed, {label}"] = 100 * auroc(loo_standardised(*a) + loo_standardised(*b), anomalous)
+                row[f"both scores summed, {label}"] = 100 * auroc(standardised(da, ra) + standardised(db, rb), anomalous)
             per_class[cls] = row
             print(name, cls, {k: round(v, 2) for k, v in row.items()}, flush=True)
         results[name] = per_class
