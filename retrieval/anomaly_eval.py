@@ -16,10 +16,10 @@ saw the anomalies before the test:
   and for the old cosine score the whitening too (refit on the gallery), as an index of that
   class would have it.
 - ``transductive``: the same encoder with its own whitening, fit on all training images,
-  anomalies included: the setting of the figures before these protocols, kept for
-  comparison. The index's score fits its space on the gallery whatever the encoder saw, so
-  with ``--score index`` it equals ``shared-encoder``; with ``--score cosine`` it is the
-  former headline.
+  anomalies included: what an index of one kind of a broader collection gets from an encoder
+  trained on all of it (a product range, one product's photos as the gallery). The index's
+  space then maps the search embedding, whose whitening knows the other kinds
+  (:func:`retrieval.anomaly.fit_space`); with ``--score cosine`` it is the former headline.
 
 Everything here runs on torch and numpy alone (no FAISS).
 """
@@ -37,7 +37,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, AnomalySpace, auroc, knn_distance, mean_distance
+from retrieval.anomaly import (
+    DEFAULT_K,
+    DEFAULT_SHRINKAGE,
+    EMBEDDING,
+    EncoderWhitening,
+    auroc,
+    fit_space,
+    knn_distance,
+    mean_distance,
+)
 from retrieval.errors import RetrievalError
 from simclr.data import ImageData, load_images
 from simclr.device import pick_device
@@ -109,11 +118,29 @@ def knn_l2(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 2048) 
 
 
 def class_auroc(gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray, k: int,
-                shrinkage: float) -> tuple[float, str]:
-    """AUROC of the index's score for raw features: the anomaly space fit on the gallery, as an index fits it."""
-    space = AnomalySpace.fit(gallery, shrinkage)
-    dists = knn_l2(space.transform(queries), space.transform(gallery), k)
+                shrinkage: float, whitening: EncoderWhitening | None = None) -> tuple[float, str]:
+    """AUROC of the index's score for raw features: the anomaly space fit on the gallery as an
+    index of an encoder with ``whitening`` fits it (:func:`retrieval.anomaly.fit_space`)."""
+    space = fit_space(gallery, None, whitening, shrinkage)
+
+    def mapped(f: np.ndarray) -> np.ndarray:
+        return space.transform(space.pick(f, whitening.embed(f) if space.input == EMBEDDING else None))
+
+    dists = knn_l2(mapped(queries), mapped(gallery), k)
     return auroc(mean_distance(dists, k), is_anomaly), space.describe()
+
+
+def index_whitening(encoder: Encoder, gallery: np.ndarray, protocol: str) -> EncoderWhitening | None:
+    """The encoder whitening an index of ``gallery`` would see under ``protocol``: the encoder's
+    own (``strict``: fit on the class it trained on; ``transductive``: on the whole collection),
+    or under ``shared-encoder``, where everything fit for the index sees the class alone, one
+    refit on the gallery (``None`` where it is too small to fit one)."""
+    if protocol != "shared-encoder":
+        return EncoderWhitening.of(encoder)
+    if not encoder.whitened or not can_whiten(len(gallery), gallery.shape[1]):
+        return None
+    mean, matrix = fit_whitening(torch.from_numpy(gallery))
+    return EncoderWhitening(mean.double().numpy(), matrix.double().numpy(), len(gallery))
 
 
 def cosine_auroc(encoder: Encoder, gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray, k: int,
@@ -246,7 +273,8 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         labelled = test_labels != -1
         is_anomaly = test_labels[labelled] != c
         if score == "index":
-            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage)
+            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage,
+                                       index_whitening(enc, gallery, protocol))
         else:
             value, space = cosine_auroc(enc, gallery, queries[labelled], is_anomaly, k, refit=protocol == "shared-encoder")
         result.per_class[name], result.spaces[name] = value, space

@@ -18,7 +18,15 @@ import torch
 
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
-from retrieval.anomaly import WHITENED, AnomalySpace, append_drift_note, calibrate, stored_calibration, stored_space
+from retrieval.anomaly import (
+    WHITENED,
+    EncoderWhitening,
+    append_drift_note,
+    calibrate,
+    fit_space,
+    stored_calibration,
+    stored_space,
+)
 from retrieval.duplicate_threshold import calibrate_threshold
 from retrieval.embed import Embedded, embed_collection, merge, open_collection, skipped_lines
 from retrieval.embedding_map import EmbeddingMap
@@ -109,13 +117,13 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
                 embedded.vectors, embedded.items, encoder.checksum, _encoder_summary(encoder),
                 cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30), cfg.progress,
             )
-            _fit_anomaly_space(store, embedded.features, cfg.anomaly_shrinkage)
+            _fit_anomaly_space(store, embedded.features, embedded.vectors, EncoderWhitening.of(encoder), cfg.anomaly_shrinkage)
             store.arrays[THUMBNAILS] = embedded.thumbnails
             notes = []
         else:
             note = store.append(embedded.vectors, embedded.items, [coll.source], cfg.progress)
             notes = [note] if note else []
-            drift = _append_anomaly_vectors(store, embedded.features)
+            drift = _append_anomaly_vectors(store, embedded.features, embedded.vectors)
             notes += [drift] if drift else []
             _append_thumbnails(store, embedded.thumbnails)
         if added or not cfg.append:
@@ -132,18 +140,22 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         dist.barrier()
 
 
-def _fit_anomaly_space(store: IndexStore, features: np.ndarray, shrinkage: float) -> None:
-    """Fit the anomaly space on the new gallery's raw features and store its items' vectors in it."""
-    space = AnomalySpace.fit(features, shrinkage)
-    info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage)
-    store.arrays[info.vectors] = space.transform(features).astype(np.float16)
+def _fit_anomaly_space(store: IndexStore, features: np.ndarray, vectors: np.ndarray,
+                       whitening: EncoderWhitening | None, shrinkage: float) -> None:
+    """Fit the anomaly space on the new gallery (:func:`retrieval.anomaly.fit_space`: its raw
+    features, or its search vectors when the encoder's whitening knows a broader collection) and
+    store its items' vectors in it."""
+    space = fit_space(features, vectors, whitening, shrinkage)
+    info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage, input=space.input,
+                       offset=space.offset)
+    store.arrays[info.vectors] = space.transform(space.pick(features, vectors)).astype(np.float16)
     if space.kind == WHITENED:
         store.arrays[info.mean], store.arrays[info.matrix] = space.mean, space.matrix
     store.manifest.anomaly = info
     log.info("anomaly space: %s", space.describe())
 
 
-def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> str | None:
+def _append_anomaly_vectors(store: IndexStore, features: np.ndarray, vectors: np.ndarray) -> str | None:
     """New items go into the space fit at build time (as new vectors go into trained IVF lists);
     a note when they are unlike the gallery they join (:func:`retrieval.anomaly.append_drift_note`)."""
     space = stored_space(store)
@@ -154,7 +166,7 @@ def _append_anomaly_vectors(store: IndexStore, features: np.ndarray) -> str | No
         return None
     name = store.manifest.anomaly.vectors
     gallery = np.asarray(store.arrays[name])
-    appended = space.transform(features).astype(np.float16)
+    appended = space.transform(space.pick(features, vectors)).astype(np.float16)
     cal = stored_calibration(store)
     euclidean = store.manifest.calibration is not None and store.manifest.calibration.metric == "euclidean"
     note = append_drift_note(gallery, appended, cal) if cal is not None and euclidean else None

@@ -56,7 +56,8 @@ def whiten_on(encoder: Encoder, coll: Collection, max_images: int | None = None,
     if not can_whiten(count, dim):
         return WhiteningFit(0, embedded.failures, f"{count} readable images ({len(embedded.failures)} unreadable) are too "
                                                   f"few to fit a whitening of {dim}-d features (at least {need})")
-    encoder.set_whitening(*fit_whitening(torch.from_numpy(embedded.features), shrinkage))
+    encoder.set_whitening(*fit_whitening(torch.from_numpy(embedded.features), shrinkage),
+                          count=len(embedded.features))
     return WhiteningFit(count, embedded.failures)
 
 

@@ -256,7 +256,7 @@ class Service:
                 feats = self.encoder.features(torch.stack([prepared[i].tensor for i in rows]))
                 vectors[rows] = self.encoder.from_features(feats).cpu().numpy()
             if anomaly is not None:
-                anomaly[rows] = self.space.transform(feats.cpu().numpy())
+                anomaly[rows] = self.space.transform(self.space.pick(feats.cpu().numpy(), vectors[rows]))
         return QueryVectors(vectors, anomaly, errors, items)
 
     # ------------------------------------------------------------------ answering

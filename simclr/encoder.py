@@ -75,6 +75,7 @@ class Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32), persistent=False)
         self.register_buffer("white_mean", None, persistent=False)
         self.register_buffer("white_matrix", None, persistent=False)
+        self.white_count: int | None = None
         self.checksum = ""
         self.path: Path | None = None
 
@@ -82,13 +83,23 @@ class Encoder(nn.Module):
     def whitened(self) -> bool:
         return self.white_matrix is not None
 
-    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None, where: str = "encoder") -> None:
-        """Use ``(features - mean) @ matrix`` before normalising (``None``: raw features)."""
+    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None, where: str = "encoder",
+                      count: int | None = None) -> None:
+        """Use ``(features - mean) @ matrix`` before normalising (``None``: raw features);
+        ``count``: the images it was fit on, when known."""
+        self.white_count = count if matrix is not None else None
         if matrix is None:
             self.white_mean = self.white_matrix = None
             return
         check_whitening(mean, matrix, self.spec.feature_dim, where)
         self.white_mean, self.white_matrix = mean.float().to(self.device), matrix.float().to(self.device)
+
+    def whitening_fit_count(self) -> int | None:
+        """How many images the whitening was fit on: as recorded, or (files written before the
+        count was) what the trainer fits one on; ``None`` without a whitening."""
+        if self.white_matrix is None:
+            return None
+        return self.white_count or fit_sample_size(self.dim)
 
     def set_flip_average(self, on: bool) -> None:
         """Embed each image as the mean of its own and its mirror image's features (or not) from
@@ -114,7 +125,8 @@ class Encoder(nn.Module):
                 f"{sample.shape[0]} images are too few to fit a whitening of {self.dim}-d features "
                 f"(at least {min_images(self.dim)})"
             )
-        self.set_whitening(*fit_whitening(embed_images(self, sample, batch_size, features=True), shrinkage))
+        self.set_whitening(*fit_whitening(embed_images(self, sample, batch_size, features=True), shrinkage),
+                           count=sample.shape[0])
 
     def unwhitening(self) -> torch.Tensor | None:
         """The inverse of the whitening matrix (D, D), float64 on the CPU: whitened directions
@@ -179,6 +191,8 @@ class Encoder(nn.Module):
         obj = {"format": FORMAT, "version": VERSION, "spec": asdict(self.spec), "backbone": state}
         if self.white_matrix is not None:
             obj["whitening"] = {"mean": self.white_mean.cpu().contiguous(), "matrix": self.white_matrix.cpu().contiguous()}
+            if self.white_count:
+                obj["whitening"]["count"] = int(self.white_count)
         atomic_save(obj, path)
         self.checksum = file_sha256(path)
         self.path = Path(path)
@@ -210,7 +224,9 @@ class Encoder(nn.Module):
         if white is not None:
             if not isinstance(white, dict) or not all(isinstance(white.get(k), torch.Tensor) for k in ("mean", "matrix")):
                 raise SimCLRError(f"{path}: the whitening entry is malformed")
-            enc.set_whitening(white["mean"], white["matrix"], where=str(path))
+            count = white.get("count")
+            enc.set_whitening(white["mean"], white["matrix"], where=str(path),
+                              count=count if isinstance(count, int) and count > 0 else None)
         enc.checksum = file_sha256(path)
         enc.path = Path(path)
         enc.backbone.to(memory_format=torch.channels_last)

@@ -560,7 +560,7 @@ class Trainer:
         if self.whiten:
             sample = evenly_spaced_positions(len(self.source), whitening.fit_sample_size(enc.dim))
             feats, _ = _features(enc, EvalSet(self.source, sample))
-            enc.set_whitening(*whitening.fit_whitening(feats, self.cfg.whiten_shrinkage))
+            enc.set_whitening(*whitening.fit_whitening(feats, self.cfg.whiten_shrinkage), count=feats.shape[0])
             self.model.train()
         return enc
 

@@ -88,6 +88,21 @@ def one_kind(seed: int = 0, n: int = 400, anomalies: int = 12, dim: int = 16) ->
     return np.vstack([normal, far]).astype(np.float32), np.r_[np.zeros(n, bool), np.ones(anomalies, bool)]
 
 
+def product_range(seed: int = 0, kinds: int = 6, n: int = 400, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features of a collection of several kinds of thing (a product range) and their kind
+    labels: each item lies on the ray from the collection's centre through its kind's mean, at a
+    distance that varies from item to item by a factor of ten (how pronounced its kind is in it),
+    so that the items of every kind that show it least crowd together near the centre. The
+    kinds' means are the same for every ``seed``; ``seed`` draws the items."""
+    means = np.random.default_rng(0).normal(size=(kinds, dim))
+    means -= means.mean(0)
+    rng = np.random.default_rng(seed + 1)
+    labels = np.repeat(np.arange(kinds), n)
+    reach = rng.uniform(0.3, 3.0, size=(len(labels), 1))
+    feats = 5.0 + reach * (means[labels] + 0.35 * rng.normal(size=(len(labels), dim)))
+    return feats.astype(np.float32), labels
+
+
 def free_port() -> int:
     """A local TCP port nothing listens on now."""
     with socket.socket() as s:

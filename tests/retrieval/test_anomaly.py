@@ -3,7 +3,7 @@ import pytest
 
 from retrieval.anomaly import Calibration, auroc, knn_distance, leave_one_out
 from retrieval.errors import RetrievalError
-from tests.helpers import one_kind
+from tests.helpers import one_kind, product_range
 
 
 def naive_auroc(scores, labels) -> float:
@@ -141,7 +141,7 @@ def test_appending_a_new_kind_of_image_is_noted_and_more_of_the_same_is_not() ->
     not, and the note says to rebuild."""
     from index.ann import L2Table
     from retrieval.anomaly import AnomalySpace, append_drift_note, calibrate
-    from tests.helpers import one_kind
+    from tests.helpers import one_kind, product_range
 
     feats, _ = one_kind(seed=4, n=1400, anomalies=0, dim=16)
     gallery, same = feats[:1000], feats[1000:]
@@ -160,3 +160,71 @@ def test_appending_a_new_kind_of_image_is_noted_and_more_of_the_same_is_not() ->
     assert share > 50
     # A handful of appended images says nothing either way.
     assert append_drift_note(g, space.transform(shifted[:5]).astype(np.float16), cal) is None
+
+
+def _broad_whitening(feats: np.ndarray):
+    """The whitening an encoder trained on ``feats`` carries (fit on all of them)."""
+    import torch
+
+    from retrieval.anomaly import EncoderWhitening
+    from simclr.whitening import fit_whitening
+
+    mean, matrix = fit_whitening(torch.from_numpy(feats))
+    return EncoderWhitening(mean.double().numpy(), matrix.double().numpy(), len(feats))
+
+
+def _space_auroc(space, gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray, whitening) -> float:
+    from retrieval.anomaly import mean_distance
+    from retrieval.anomaly_eval import knn_l2
+
+    def mapped(f: np.ndarray) -> np.ndarray:
+        return space.transform(space.pick(f, whitening.embed(f) if whitening is not None else None))
+
+    return auroc(mean_distance(knn_l2(mapped(queries), mapped(gallery), 5), 5), is_anomaly)
+
+
+def test_one_kind_of_a_product_range_is_scored_in_the_embedding_the_range_whitened() -> None:
+    """An encoder trained on a whole product range, one product's items as the gallery: its
+    whitening knows what sets the products apart, and the search embedding (that whitening,
+    then normalised) whitened again on the gallery ranks the other products above where the
+    gallery-whitened raw features rank them (the score before; the items that show their
+    product least crowd near the range's centre, where raw features confuse them)."""
+    from retrieval.anomaly import EMBEDDING, AnomalySpace, fit_space
+
+    feats, kinds = product_range()
+    queries, query_kinds = product_range(seed=1, n=100)
+    whitening = _broad_whitening(feats)
+    gallery = feats[kinds == 0]
+    space = fit_space(gallery, None, whitening, 1e-4)
+    assert space.input == EMBEDDING and space.offset > 20 and "broader collection" in space.describe()
+    new = _space_auroc(space, gallery, queries, query_kinds != 0, whitening)
+    old = _space_auroc(AnomalySpace.fit(gallery, 1e-4), gallery, queries, query_kinds != 0, None)
+    assert new > 0.99 and old < 0.9, (new, old)
+    # The gallery's own search vectors give the same space as its features do.
+    from_vectors = fit_space(gallery, whitening.embed(gallery), whitening, 1e-4)
+    np.testing.assert_allclose(from_vectors.matrix, space.matrix, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features() -> None:
+    """Where the gallery is what the encoder's whitening was fit on (or a sample of it: a
+    one-kind collection, or the whole range), the space is the one fit on raw features, as
+    before; its offset from the whitening's centre is what sampling gives (about 1)."""
+    from retrieval.anomaly import FEATURES, AnomalySpace, fit_space, gallery_offset
+
+    for feats in (one_kind(n=3000)[0], product_range()[0]):
+        whitening = _broad_whitening(feats)
+        for gallery in (feats, feats[::3], feats[1::7]):
+            space = fit_space(gallery, None, whitening, 1e-4)
+            assert space.input == FEATURES and space.offset < 1.5, space.offset
+            np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
+    # gallery_offset against a naive reference: squared distance of the two centres in the
+    # whitening's units, over the gallery's own variance in them times (1/n + 1/count).
+    feats, kinds = product_range()
+    whitening = _broad_whitening(feats)
+    g = feats[kinds == 2].astype(np.float64)
+    w = (g - whitening.mean) @ whitening.matrix
+    centred = w - w.mean(0)
+    expected = np.sum(w.mean(0) ** 2) / ((centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats)))
+    assert gallery_offset(g, whitening.mean, whitening.matrix, len(feats)) == pytest.approx(expected, rel=1e-6)
+    # Without an encoder whitening there is nothing to compare with: raw features.
+    assert fit_space(g, None, None).input == FEATURES

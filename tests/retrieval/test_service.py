@@ -160,7 +160,7 @@ def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path)
     gallery = feats[:400]  # normal items only
     vecs = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     store = IndexStore.build(vecs, Items([f"g{i}" for i in range(400)], [None] * 400, [str(i) for i in range(400)]), enc.checksum)
-    _fit_anomaly_space(store, gallery, 1e-2)
+    _fit_anomaly_space(store, gallery, vecs, None, 1e-2)
     service = Service(store, enc)
     queries = feats[400:]
     unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -173,3 +173,53 @@ def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path)
     # An item asked about by id is scored leave-one-out, like the calibration.
     [own] = service.ask(["id:7"], Options(k=1, anomaly=True))
     assert own.anomaly.percentile < 100
+
+
+def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embedding(tiny_encoder: Path, tmp_path: Path) -> None:
+    """An encoder whose whitening was fit on all three kinds of pattern, an index of one kind:
+    the build fits the anomaly space on the search vectors (the whitening knows the other
+    kinds), stores that in the manifest, says it in ``retrieval info``, keeps it in the encoder
+    file it copies; a query is mapped as the build mapped its items (an indexed file scores as
+    its stored vector), and the other kinds score as unusual."""
+    import torch
+
+    from retrieval.anomaly import EMBEDDING
+    from retrieval.build import IndexConfig, build_index
+    from retrieval.info import describe_folder
+    from simclr.images import image_to_tensor
+    from tests.helpers import CLASSES, pattern
+
+    tints = {"bars": (1.0, 0.3, 0.3), "stripes": (0.3, 0.3, 1.0), "checks": (0.3, 1.0, 0.3)}
+
+    def kind_of(kind: str, rng: np.random.Generator) -> Image.Image:
+        """A pattern of ``kind`` in its own tint: a kind the tiny encoder's features tell apart."""
+        gray = pattern(kind, rng).mean(-1, keepdims=True) / 255
+        return Image.fromarray((40 + 200 * gray * np.array(tints[kind])).astype(np.uint8))
+
+    rng = np.random.default_rng(5)
+    enc = Encoder.load(tiny_encoder)
+    enc.fit_whitening(torch.stack([image_to_tensor(kind_of(CLASSES[i % 3], rng), 16) for i in range(1200)]))
+    enc_path = tmp_path / "encoder.pt"
+    enc.save(enc_path)
+    assert Encoder.load(enc_path).white_count == 1200  # recorded beside the whitening
+    gallery = tmp_path / "bars"
+    gallery.mkdir()
+    for i in range(400):
+        kind_of("bars", rng).save(gallery / f"b{i:03d}.png")
+    out = tmp_path / "idx"
+    build_index(IndexConfig(source=str(gallery), out=str(out), encoder=str(enc_path), workers=0, progress=False))
+    store = IndexStore.load(out)
+    info = store.manifest.anomaly
+    assert info.input == EMBEDDING and info.offset > 3, info
+    words = describe_folder(out).anomaly
+    assert "search embedding" in words and "broader collection" in words, words
+    service = Service.open(out, device="cpu")
+    own = gallery / "b007.png"
+    qv = service.embed([str(own)])
+    item = store.items.refs.index(str(own.resolve()))
+    np.testing.assert_allclose(qv.anomaly[0], np.asarray(store.arrays[info.vectors][item], np.float32), atol=2e-2)
+    others = [tmp_path / f"{kind}.png" for kind in ("stripes", "checks", "bars")]
+    for path, kind in zip(others, ("stripes", "checks", "bars")):
+        kind_of(kind, rng).save(path)
+    answers = service.ask([str(p) for p in others], Options(k=1, anomaly=True))
+    assert [a.anomaly.unusual for a in answers] == [True, True, False], [a.anomaly for a in answers]
