@@ -59,6 +59,7 @@ FEATURES = OUT / "features"
 STRICT_DIRS = {"strict-m10": ROOT / "bench" / "out" / "strict-m10"}
 K = 5
 SHRINKAGE = 1e-4
+SIZE: int | None = None  # --size: embed at this many pixels instead of each encoder's own size
 
 log = logging.getLogger("anomaly_layers")
 
@@ -93,6 +94,8 @@ def stage_features(enc: Encoder, images: torch.Tensor, flip: bool = False, batch
 def feature_files(name: str, c: int | None = None) -> tuple[Path, Path]:
     """Where a feature set is cached: (training images, test images) for one encoder of every
     class; with ``c``, (class c's training images, test images) for class c's own encoder."""
+    if SIZE is not None:
+        name = f"{name}@{SIZE}"
     prefix = f"{name}_" if c is None else f"{name}_{c}_"
     return FEATURES / f"{prefix}{'train' if c is None else 'gallery'}.pt", FEATURES / f"{prefix}test.pt"
 
@@ -102,6 +105,8 @@ def _cached(path: Path, enc_fn, compute, what: str) -> dict[str, torch.Tensor]:
     if path.exists():
         return torch.load(path)
     enc = enc_fn()
+    if SIZE is not None:
+        enc.spec.image_size = SIZE  # what preprocess resizes to
     start = time.perf_counter()
     feats = compute(enc)
     log.info("%s: %s in %.0f s", path.stem, what, time.perf_counter() - start)
@@ -236,7 +241,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--turns", action="store_true",
                    help="also embed every image turned by 90, 180 and 270 degrees and score the turn-ensembled variants")
+    p.add_argument("--size", type=int, default=None,
+                   help="embed every image at SIZE x SIZE pixels instead of the size each encoder was trained at "
+                        "(results under NAME@SIZE)")
     args = p.parse_args()
+    global SIZE
+    SIZE = args.size
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     train, test = load_images("fashion-mnist:train"), load_images("fashion-mnist:test")
@@ -280,7 +290,7 @@ def main() -> None:
                     qry = {**qry, **cached_turned_features(turned_file(test_file), make, test.images)}
                 per_class[cls] = score_class(gal, qry, te_lab != c)
                 log.info("%s %s: %s", name, cls, {k: round(v, 2) for k, v in per_class[cls].items()})
-        results[name] = per_class
+        results[name if SIZE is None else f"{name}@{SIZE}"] = per_class
         OUT.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
     report(results)
