@@ -6,7 +6,8 @@ trained, and its whitening fit, on a collection of many kinds and the gallery is
 (a product range, one product indexed as normal: the ``transductive`` protocol of ``retrieval
 anomaly-eval``), the encoder's whitening holds what sets the kinds apart, which a whitening fit
 on one kind cannot see. Variant i uses it: the stored search vector (the encoder's whitened,
-normalised embedding), whitened again on the gallery.
+normalised embedding), whitened again on the gallery. (The index joins i to d where the offset
+below is 3 or more: ``retrieval.anomaly.fit_space``.)
 
 This study measures, for galleries of one class, of two classes, and of every class, with the
 encoder's whitening as trained (on the whole collection) and refit on the gallery (what
@@ -19,9 +20,14 @@ training on the gallery alone gives: the ``shared-encoder`` protocol):
   whitening was fit on, far above when it is one part of it.
 
     .venv/bin/python bench/anomaly_context.py --encoder ENC.pt [--json OUT.json]
+    .venv/bin/python bench/anomaly_context.py --encoder RANGE.pt --lines GEAR/train:GEAR/test NUT/train:NUT/test
 
 ENC: an encoder trained on all of Fashion-MNIST's training images (the demo recipe), with its
-whitening. Features are cached under bench/out/anomaly_context/.
+whitening; RANGE: one trained on the good parts of several inspection lines
+(``bench/make_inspection.py``), each line then scored alone, its defects the anomalies. Also
+measured: the ways of combining d and i (their scores standardised by the gallery's
+leave-one-out scores and summed, or the larger taken; the two spaces joined, as the index joins
+them). Features are cached under bench/out/anomaly_context/.
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.anomaly import DEFAULT_K, AnomalySpace, auroc, gallery_offset, mean_distance  # noqa: E402
-from retrieval.anomaly_eval import _features, knn_l2  # noqa: E402
+from retrieval.anomaly_eval import _features, _slug, knn_l2  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
-from simclr.whitening import fit_sample_size, fit_whitening  # noqa: E402
+from simclr.whitening import fit_whitening  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "anomaly_context"
 log = logging.getLogger("anomaly_context")
@@ -56,31 +62,75 @@ def unit_embedding(f: torch.Tensor, mean: torch.Tensor, matrix: torch.Tensor) ->
     return F.normalize((f - mean) @ matrix, dim=1)
 
 
-def space_auroc(gallery: torch.Tensor, queries: torch.Tensor, is_anomaly: np.ndarray) -> float:
+def gallery_whitened(gallery: torch.Tensor, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gallery and query vectors in a space fit on the gallery (as the index fits one), and the
+    gallery's leave-one-out scores in it."""
     space = AnomalySpace.fit(gallery.numpy())
-    d = knn_l2(space.transform(queries.numpy()), space.transform(gallery.numpy()), DEFAULT_K)
-    return 100 * auroc(mean_distance(d, DEFAULT_K), is_anomaly)
+    g, q = space.transform(gallery.numpy()), space.transform(queries.numpy())
+    return g, q, mean_distance(knn_l2(g, g, DEFAULT_K + 1)[:, 1:], DEFAULT_K)
+
+
+def score(g: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return mean_distance(knn_l2(q, g, DEFAULT_K), DEFAULT_K)
+
+
+def standardised(scores: np.ndarray, loo: np.ndarray) -> np.ndarray:
+    """Scores in units of the gallery's own leave-one-out scores (median, interquartile range)."""
+    q75, q25 = np.percentile(loo, [75, 25])
+    return (scores - np.median(loo)) / max(q75 - q25, 1e-12)
 
 
 def study(name: str, g: torch.Tensor, q: torch.Tensor, is_anomaly: np.ndarray | None,
           enc_whitening: tuple[torch.Tensor, torch.Tensor], fit_count: int) -> dict:
-    """d, i (encoder's whitening as trained), i (refit on the gallery), and z for one gallery."""
+    """d, i (the encoder's whitening as trained), i (refit on the gallery), their combinations,
+    and z for one gallery."""
     mean, matrix = enc_whitening
     row = {"gallery": name, "items": len(g),
            "z": gallery_offset(g.numpy(), mean.numpy(), matrix.numpy(), fit_count)}
     if is_anomaly is not None:
-        row["d"] = space_auroc(g, q, is_anomaly)
-        row["i (as trained)"] = space_auroc(unit_embedding(g, mean, matrix), unit_embedding(q, mean, matrix), is_anomaly)
+        a = lambda s: 100 * auroc(s, is_anomaly)  # noqa: E731
+        gd, qd, ld = gallery_whitened(g, q)
+        gi, qi, li = gallery_whitened(unit_embedding(g, mean, matrix), unit_embedding(q, mean, matrix))
+        sd, si = score(gd, qd), score(gi, qi)
+        row["d"], row["i (as trained)"] = a(sd), a(si)
+        row["max of the standardised scores"] = a(np.maximum(standardised(sd, ld), standardised(si, li)))
+        row["standardised scores summed"] = a(standardised(sd, ld) + standardised(si, li))
+        scale_d, scale_i = np.median(ld), np.median(li)
+        row["joined, parts scaled"] = a(score(np.hstack([gd / scale_d, gi / scale_i]), np.hstack([qd / scale_d, qi / scale_i])))
+        row["joined (the index)"] = a(score(np.hstack([gd, gi]), np.hstack([qd, qi])))
         rm, rw = fit_whitening(g)
-        row["i (refit on the gallery)"] = space_auroc(unit_embedding(g, rm, rw), unit_embedding(q, rm, rw), is_anomaly)
+        gr, qr, _ = gallery_whitened(unit_embedding(g, rm, rw), unit_embedding(q, rm, rw))
+        row["i (refit on the gallery)"] = a(score(gr, qr))
         row["z (refit)"] = gallery_offset(g.numpy(), rm.numpy(), rw.numpy(), len(g))
     log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return row
 
 
+def features_of(enc: Encoder, source: str, size: int | None = None):
+    """``source``'s raw features (cached by encoder and source) and labels."""
+    data = load_images(source, size=size) if size else load_images(source)
+    cache = OUT / f"features-{enc.checksum[:12]}-{_slug(source)}.pt"
+    if cache.exists():
+        return torch.load(cache), data
+    start = time.perf_counter()
+    feats = torch.from_numpy(_features(enc, data))
+    log.info("features of %d images of %s in %.0f s", len(feats), source, time.perf_counter() - start)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, cache)
+    return feats, data
+
+
+KEYS = ["items", "z", "d", "i (as trained)", "max of the standardised scores", "standardised scores summed",
+        "joined, parts scaled", "joined (the index)", "i (refit on the gallery)", "z (refit)"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", required=True, help="an encoder trained on all of Fashion-MNIST's training images")
+    p.add_argument("--encoder", required=True,
+                   help="an encoder trained on all of Fashion-MNIST's training images, or on all the lines of --lines")
+    p.add_argument("--lines", nargs="+", metavar="TRAIN:TEST",
+                   help="instead of Fashion-MNIST: inspection lines in MVTec's layout (TRAIN/good, TEST/good, "
+                        "TEST/<defect>), each line's good training parts the gallery, its defects the anomalies")
     p.add_argument("--json", type=Path, default=OUT / "results.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -89,42 +139,42 @@ def main() -> None:
     enc = Encoder.load(args.encoder, "cpu")
     if not enc.whitened:
         sys.exit(f"{args.encoder} has no whitening: nothing to compare the gallery with")
-    train, test = load_images("fashion-mnist:train"), load_images("fashion-mnist:test")
-    cache = OUT / f"features-{enc.checksum[:12]}.pt"
-    if cache.exists():
-        ftr, fte = torch.load(cache)
-    else:
-        start = time.perf_counter()
-        ftr, fte = torch.from_numpy(_features(enc, train)), torch.from_numpy(_features(enc, test))
-        log.info("features of %d images in %.0f s", len(ftr) + len(fte), time.perf_counter() - start)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((ftr, fte), cache)
-    tr, te = train.labels.numpy(), test.labels.numpy()
     whitening = (enc.white_mean.cpu(), enc.white_matrix.cpu())
-    fit_count = fit_sample_size(ftr.shape[1])  # what the trainer fits an encoder's whitening on
+    fit_count = enc.whitening_fit_count()
     rows = []
-    for c, cls in enumerate(train.classes):
-        rows.append(study(cls, ftr[tr == c], fte, te != c, whitening, fit_count))
-    for a, b in PAIRS:
-        rows.append(study(f"{train.classes[a]} + {train.classes[b]}", ftr[(tr == a) | (tr == b)], fte,
-                          (te != a) & (te != b), whitening, fit_count))
-    rng = np.random.default_rng(0)
-    for n in (100, 1000, 10000, 60000):
-        sample = torch.from_numpy(rng.choice(len(ftr), n, replace=False))
-        rows.append(study(f"every class, {n} items", ftr[sample], fte, None, whitening, fit_count))
-    for n in (100, 1000):
-        sample = torch.from_numpy(rng.choice(np.flatnonzero(tr == 0), n, replace=False))
-        rows.append(study(f"{train.classes[0]}, {n} items", ftr[sample], fte, te != 0, whitening, fit_count))
+    if args.lines:
+        for line in args.lines:
+            train, _, test = line.partition(":")
+            gallery, _ = features_of(enc, train, enc.spec.image_size)
+            queries, data = features_of(enc, test, enc.spec.image_size)
+            rows.append(study(train, gallery, queries, data.labels.numpy() != data.classes.index("good"),
+                              whitening, fit_count))
+    else:
+        ftr, train = features_of(enc, "fashion-mnist:train")
+        fte, test = features_of(enc, "fashion-mnist:test")
+        tr, te = train.labels.numpy(), test.labels.numpy()
+        for c, cls in enumerate(train.classes):
+            rows.append(study(cls, ftr[tr == c], fte, te != c, whitening, fit_count))
+        for a, b in PAIRS:
+            rows.append(study(f"{train.classes[a]} + {train.classes[b]}", ftr[(tr == a) | (tr == b)], fte,
+                              (te != a) & (te != b), whitening, fit_count))
+        rng = np.random.default_rng(0)
+        for n in (100, 1000, 10000, 60000):
+            sample = torch.from_numpy(rng.choice(len(ftr), n, replace=False))
+            rows.append(study(f"every class, {n} items", ftr[sample], fte, None, whitening, fit_count))
+        for n in (100, 1000):
+            sample = torch.from_numpy(rng.choice(np.flatnonzero(tr == 0), n, replace=False))
+            rows.append(study(f"{train.classes[0]}, {n} items", ftr[sample], fte, te != 0, whitening, fit_count))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
-    keys = ["items", "z", "d", "i (as trained)", "i (refit on the gallery)", "z (refit)"]
-    print("| gallery | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+    print("| gallery | " + " | ".join(KEYS) + " |\n|---|" + "---:|" * len(KEYS))
     for r in rows:
         print(f"| {r['gallery']} | " + " | ".join(
-            ("" if k not in r else f"{r[k]:,}" if isinstance(r[k], int) else f"{r[k]:.2f}") for k in keys) + " |")
-    one = rows[:10]
-    print("\nmean of the ten one-class galleries: " + ", ".join(
-        f"{k} {np.mean([r[k] for r in one]):.2f}" for k in ("d", "i (as trained)", "i (refit on the gallery)")))
+            ("" if k not in r else f"{r[k]:,}" if isinstance(r[k], int) else f"{r[k]:.2f}") for k in KEYS) + " |")
+    if not args.lines:
+        one = rows[:10]
+        print("\nmean of the ten one-class galleries: " + ", ".join(
+            f"{k} {np.mean([r[k] for r in one]):.2f}" for k in KEYS[2:-1]))
 
 
 if __name__ == "__main__":

@@ -53,18 +53,21 @@ class CalibrationInfo:
 @dataclass
 class AnomalyInfo:
     """The space anomaly scores are measured in, fit on the gallery at build time: its kind
-    (``gallery-whitened`` or ``plain``), the items it was fit on, what it maps (raw features or
-    the search embedding, and the offset that chose it), and the arrays holding the
+    (``gallery-whitened`` or ``plain``), the items it was fit on, what it maps (raw features, or
+    those beside the search embedding, and the offset that chose it), and the arrays holding the
     items' vectors in it and (when whitened) its mean and matrix."""
 
     space: str
     fit_count: int
     shrinkage: float | None = None
-    input: str = "features"  # what the space maps: "features" (raw) or "embedding" (the search vectors)
+    input: str = "features"  # what the space maps: "features" (raw), or "features+embedding" (and the search vectors)
     offset: float | None = None  # the gallery's offset from the encoder whitening's centre (retrieval.anomaly)
+    embedding_space: str | None = None  # features+embedding: the kind of the search vectors' part
     vectors: str = "anomaly_vectors"
     mean: str = "anomaly_mean"
     matrix: str = "anomaly_matrix"
+    embedding_mean: str = "anomaly_embedding_mean"
+    embedding_matrix: str = "anomaly_embedding_matrix"
 
 
 @dataclass

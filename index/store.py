@@ -225,9 +225,11 @@ class IndexStore:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
             raise IndexStoreError(f"index folder {path} is inconsistent (item counts differ: {detail})")
         a = manifest.anomaly
-        if a is not None and (a.vectors not in arrays or arrays[a.vectors].shape != vectors.shape):
+        # (an anomaly space joining the search vectors to the features has two parts: twice the width)
+        shape = (vectors.shape[0], vectors.shape[1] * (2 if a is not None and a.embedding_space else 1))
+        if a is not None and (a.vectors not in arrays or arrays[a.vectors].shape != shape):
             got = arrays[a.vectors].shape if a.vectors in arrays else "none"
-            raise IndexStoreError(f"index folder {path} is inconsistent ({a.vectors}.npy has shape {got}, the index {vectors.shape})")
+            raise IndexStoreError(f"index folder {path} is inconsistent ({a.vectors}.npy has shape {got}, expected {shape})")
         if index.d != manifest.dim or vectors.shape[1] != manifest.dim:
             raise IndexStoreError(f"index folder {path} is inconsistent (dimension {manifest.dim} in the manifest, {index.d} in {INDEX})")
         store = cls(manifest, index, items, vectors, arrays, path)

@@ -18,8 +18,8 @@ saw the anomalies before the test:
 - ``transductive``: the same encoder with its own whitening, fit on all training images,
   anomalies included: what an index of one kind of a broader collection gets from an encoder
   trained on all of it (a product range, one product's photos as the gallery). The index's
-  space then maps the search embedding, whose whitening knows the other kinds
-  (:func:`retrieval.anomaly.fit_space`); with ``--score cosine`` it is the former headline.
+  space then joins the search embedding, whose whitening knows the other kinds, to the raw
+  features (:func:`retrieval.anomaly.fit_space`); with ``--score cosine`` it is the former headline.
 
 Everything here runs on torch and numpy alone (no FAISS).
 """
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from retrieval.anomaly import (
     DEFAULT_K,
     DEFAULT_SHRINKAGE,
-    EMBEDDING,
+    JOINT,
     EncoderWhitening,
     auroc,
     fit_space,
@@ -124,7 +124,7 @@ def class_auroc(gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray
     space = fit_space(gallery, None, whitening, shrinkage)
 
     def mapped(f: np.ndarray) -> np.ndarray:
-        return space.transform(space.pick(f, whitening.embed(f) if space.input == EMBEDDING else None))
+        return space.map(f, whitening.embed(f) if space.input == JOINT else None)
 
     dists = knn_l2(mapped(queries), mapped(gallery), k)
     return auroc(mean_distance(dists, k), is_anomaly), space.describe()

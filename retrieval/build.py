@@ -143,14 +143,17 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
 def _fit_anomaly_space(store: IndexStore, features: np.ndarray, vectors: np.ndarray,
                        whitening: EncoderWhitening | None, shrinkage: float) -> None:
     """Fit the anomaly space on the new gallery (:func:`retrieval.anomaly.fit_space`: its raw
-    features, or its search vectors when the encoder's whitening knows a broader collection) and
-    store its items' vectors in it."""
+    features, joined by its search vectors when the encoder's whitening knows a broader
+    collection) and store its items' vectors in it."""
     space = fit_space(features, vectors, whitening, shrinkage)
+    part = space.embedding_part
     info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage, input=space.input,
-                       offset=space.offset)
-    store.arrays[info.vectors] = space.transform(space.pick(features, vectors)).astype(np.float16)
+                       offset=space.offset, embedding_space=part.kind if part is not None else None)
+    store.arrays[info.vectors] = space.map(features, vectors).astype(np.float16)
     if space.kind == WHITENED:
         store.arrays[info.mean], store.arrays[info.matrix] = space.mean, space.matrix
+    if part is not None and part.kind == WHITENED:
+        store.arrays[info.embedding_mean], store.arrays[info.embedding_matrix] = part.mean, part.matrix
     store.manifest.anomaly = info
     log.info("anomaly space: %s", space.describe())
 
@@ -166,7 +169,7 @@ def _append_anomaly_vectors(store: IndexStore, features: np.ndarray, vectors: np
         return None
     name = store.manifest.anomaly.vectors
     gallery = np.asarray(store.arrays[name])
-    appended = space.transform(space.pick(features, vectors)).astype(np.float16)
+    appended = space.map(features, vectors).astype(np.float16)
     cal = stored_calibration(store)
     euclidean = store.manifest.calibration is not None and store.manifest.calibration.metric == "euclidean"
     note = append_drift_note(gallery, appended, cal) if cal is not None and euclidean else None

@@ -242,7 +242,7 @@ class Service:
         """Prepared queries' vectors in both spaces: one backbone pass for all their images."""
         n, dim = len(prepared), self.encoder.dim
         vectors = np.zeros((n, dim), np.float32)
-        anomaly = np.zeros((n, dim), np.float32) if self.space is not None else None
+        anomaly = np.zeros((n, self.space.width(dim)), np.float32) if self.space is not None else None
         errors: list[str | None] = [p.error for p in prepared]
         items: list[int | None] = [p.item for p in prepared]
         for i, item in enumerate(items):
@@ -256,7 +256,7 @@ class Service:
                 feats = self.encoder.features(torch.stack([prepared[i].tensor for i in rows]))
                 vectors[rows] = self.encoder.from_features(feats).cpu().numpy()
             if anomaly is not None:
-                anomaly[rows] = self.space.transform(self.space.pick(feats.cpu().numpy(), vectors[rows]))
+                anomaly[rows] = self.space.map(feats.cpu().numpy(), vectors[rows])
         return QueryVectors(vectors, anomaly, errors, items)
 
     # ------------------------------------------------------------------ answering

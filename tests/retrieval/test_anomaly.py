@@ -178,31 +178,35 @@ def _space_auroc(space, gallery: np.ndarray, queries: np.ndarray, is_anomaly: np
     from retrieval.anomaly_eval import knn_l2
 
     def mapped(f: np.ndarray) -> np.ndarray:
-        return space.transform(space.pick(f, whitening.embed(f) if whitening is not None else None))
+        return space.map(f, whitening.embed(f) if whitening is not None else None)
 
     return auroc(mean_distance(knn_l2(mapped(queries), mapped(gallery), 5), 5), is_anomaly)
 
 
-def test_one_kind_of_a_product_range_is_scored_in_the_embedding_the_range_whitened() -> None:
+def test_one_kind_of_a_product_range_is_scored_with_the_embedding_the_range_whitened() -> None:
     """An encoder trained on a whole product range, one product's items as the gallery: its
     whitening knows what sets the products apart, and the search embedding (that whitening,
-    then normalised) whitened again on the gallery ranks the other products above where the
-    gallery-whitened raw features rank them (the score before; the items that show their
-    product least crowd near the range's centre, where raw features confuse them)."""
-    from retrieval.anomaly import EMBEDDING, AnomalySpace, fit_space
+    then normalised) whitened again on the gallery, beside the gallery-whitened raw features,
+    ranks the other products above where those features alone rank them (the score before; the
+    items that show their product least crowd near the range's centre, where raw features
+    confuse them)."""
+    from retrieval.anomaly import JOINT, AnomalySpace, fit_space
 
     feats, kinds = product_range()
     queries, query_kinds = product_range(seed=1, n=100)
     whitening = _broad_whitening(feats)
     gallery = feats[kinds == 0]
     space = fit_space(gallery, None, whitening, 1e-4)
-    assert space.input == EMBEDDING and space.offset > 20 and "broader collection" in space.describe()
+    assert space.input == JOINT and space.offset > 20 and "broader collection" in space.describe()
+    assert space.width(16) == 32 and space.map(gallery[:3], whitening.embed(gallery[:3])).shape == (3, 32)
     new = _space_auroc(space, gallery, queries, query_kinds != 0, whitening)
     old = _space_auroc(AnomalySpace.fit(gallery, 1e-4), gallery, queries, query_kinds != 0, None)
     assert new > 0.99 and old < 0.9, (new, old)
     # The gallery's own search vectors give the same space as its features do.
     from_vectors = fit_space(gallery, whitening.embed(gallery), whitening, 1e-4)
-    np.testing.assert_allclose(from_vectors.matrix, space.matrix, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(from_vectors.embedding_part.matrix, space.embedding_part.matrix, rtol=1e-4, atol=1e-6)
+    # Its first part is the space the features alone give.
+    np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
 
 
 def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features() -> None:

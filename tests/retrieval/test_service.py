@@ -177,13 +177,13 @@ def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path)
 
 def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embedding(tiny_encoder: Path, tmp_path: Path) -> None:
     """An encoder whose whitening was fit on all three kinds of pattern, an index of one kind:
-    the build fits the anomaly space on the search vectors (the whitening knows the other
-    kinds), stores that in the manifest, says it in ``retrieval info``, keeps it in the encoder
-    file it copies; a query is mapped as the build mapped its items (an indexed file scores as
-    its stored vector), and the other kinds score as unusual."""
+    the build joins the search vectors (the whitening knows the other kinds) to the raw features
+    in the anomaly space, stores that in the manifest and says it in ``retrieval info``; a query
+    is mapped as the build mapped its items (an indexed file scores as its stored vector), and
+    the other kinds score as unusual."""
     import torch
 
-    from retrieval.anomaly import EMBEDDING
+    from retrieval.anomaly import JOINT
     from retrieval.build import IndexConfig, build_index
     from retrieval.info import describe_folder
     from simclr.images import image_to_tensor
@@ -210,7 +210,7 @@ def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embeddi
     build_index(IndexConfig(source=str(gallery), out=str(out), encoder=str(enc_path), workers=0, progress=False))
     store = IndexStore.load(out)
     info = store.manifest.anomaly
-    assert info.input == EMBEDDING and info.offset > 3, info
+    assert info.input == JOINT and info.offset > 3 and info.embedding_space is not None, info
     words = describe_folder(out).anomaly
     assert "search embedding" in words and "broader collection" in words, words
     service = Service.open(out, device="cpu")
