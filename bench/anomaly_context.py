@@ -6,8 +6,8 @@ trained, and its whitening fit, on a collection of many kinds and the gallery is
 (a product range, one product indexed as normal: the ``transductive`` protocol of ``retrieval
 anomaly-eval``), the encoder's whitening holds what sets the kinds apart, which a whitening fit
 on one kind cannot see. Variant i uses it: the stored search vector (the encoder's whitened,
-normalised embedding), whitened again on the gallery. (The index joins i to d where the offset
-below is 3 or more: ``retrieval.anomaly.fit_space``.)
+normalised embedding), whitened again on the gallery. (``retrieval index --anomaly-space joined``
+joins i to d; ``auto`` where the offset below is 3 or more: ``retrieval.anomaly.fit_space``.)
 
 This study measures, for galleries of one class, of two classes, and of every class, with the
 encoder's whitening as trained (on the whole collection) and refit on the gallery (what
@@ -21,10 +21,12 @@ training on the gallery alone gives: the ``shared-encoder`` protocol):
 
     .venv/bin/python bench/anomaly_context.py --encoder ENC.pt [--json OUT.json]
     .venv/bin/python bench/anomaly_context.py --encoder RANGE.pt --lines GEAR/train:GEAR/test NUT/train:NUT/test
+    .venv/bin/python bench/anomaly_context.py --encoder LINE.pt --lines GEAR/train:GEAR/test --brightness 0.8
 
 ENC: an encoder trained on all of Fashion-MNIST's training images (the demo recipe), with its
 whitening; RANGE: one trained on the good parts of several inspection lines
-(``bench/make_inspection.py``), each line then scored alone, its defects the anomalies. Also
+(``bench/make_inspection.py``), each line then scored alone, its defects the anomalies; LINE:
+one trained on a line's good parts alone, its images read at another brightness. Also
 measured: the ways of combining d and i (their scores standardised by the gallery's
 leave-one-out scores and summed, or the larger taken; the two spaces joined, as the index joins
 them). Features are cached under bench/out/anomaly_context/.
@@ -106,13 +108,16 @@ def study(name: str, g: torch.Tensor, q: torch.Tensor, is_anomaly: np.ndarray | 
     return row
 
 
-def features_of(enc: Encoder, source: str, size: int | None = None):
-    """``source``'s raw features (cached by encoder and source) and labels."""
+def features_of(enc: Encoder, source: str, size: int | None = None, brightness: float = 1.0):
+    """``source``'s raw features (cached by encoder, source and brightness) and labels; with
+    ``brightness``, of its images with every pixel scaled by it (a batch under other light)."""
     data = load_images(source, size=size) if size else load_images(source)
-    cache = OUT / f"features-{enc.checksum[:12]}-{_slug(source)}.pt"
+    cache = OUT / f"features-{enc.checksum[:12]}-{_slug(source)}{'' if brightness == 1 else f'-x{brightness:g}'}.pt"
     if cache.exists():
         return torch.load(cache), data
     start = time.perf_counter()
+    if brightness != 1:
+        data.images = (data.images.float() * brightness).round().clamp(0, 255).to(torch.uint8)
     feats = torch.from_numpy(_features(enc, data))
     log.info("features of %d images of %s in %.0f s", len(feats), source, time.perf_counter() - start)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +136,9 @@ def main() -> None:
     p.add_argument("--lines", nargs="+", metavar="TRAIN:TEST",
                    help="instead of Fashion-MNIST: inspection lines in MVTec's layout (TRAIN/good, TEST/good, "
                         "TEST/<defect>), each line's good training parts the gallery, its defects the anomalies")
+    p.add_argument("--brightness", type=float, default=1.0,
+                   help="with --lines: scale every pixel of the lines' images by this (a batch under other light "
+                        "than the encoder's training images)")
     p.add_argument("--json", type=Path, default=OUT / "results.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -145,8 +153,8 @@ def main() -> None:
     if args.lines:
         for line in args.lines:
             train, _, test = line.partition(":")
-            gallery, _ = features_of(enc, train, enc.spec.image_size)
-            queries, data = features_of(enc, test, enc.spec.image_size)
+            gallery, _ = features_of(enc, train, enc.spec.image_size, args.brightness)
+            queries, data = features_of(enc, test, enc.spec.image_size, args.brightness)
             rows.append(study(train, gallery, queries, data.labels.numpy() != data.classes.index("good"),
                               whitening, fit_count))
     else:

@@ -17,9 +17,10 @@ saw the anomalies before the test:
   class would have it.
 - ``transductive``: the same encoder with its own whitening, fit on all training images,
   anomalies included: what an index of one kind of a broader collection gets from an encoder
-  trained on all of it (a product range, one product's photos as the gallery). The index's
-  space then joins the search embedding, whose whitening knows the other kinds, to the raw
-  features (:func:`retrieval.anomaly.fit_space`); with ``--score cosine`` it is the former headline.
+  trained on all of it (a product range, one product's photos as the gallery). With
+  ``--anomaly-space auto`` or ``joined`` the index's space joins the search embedding, whose
+  whitening knows the other kinds, to the raw features (:func:`retrieval.anomaly.fit_space`);
+  with ``--score cosine`` it is the former headline.
 
 Everything here runs on torch and numpy alone (no FAISS).
 """
@@ -41,6 +42,7 @@ from retrieval.anomaly import (
     DEFAULT_K,
     DEFAULT_SHRINKAGE,
     JOINT,
+    SPACE_MODES,
     EncoderWhitening,
     auroc,
     fit_space,
@@ -118,10 +120,11 @@ def knn_l2(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 2048) 
 
 
 def class_auroc(gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray, k: int,
-                shrinkage: float, whitening: EncoderWhitening | None = None) -> tuple[float, str]:
+                shrinkage: float, whitening: EncoderWhitening | None = None, mode: str = "features") -> tuple[float, str]:
     """AUROC of the index's score for raw features: the anomaly space fit on the gallery as an
-    index of an encoder with ``whitening`` fits it (:func:`retrieval.anomaly.fit_space`)."""
-    space = fit_space(gallery, None, whitening, shrinkage)
+    index of an encoder with ``whitening`` fits it with ``--anomaly-space mode``
+    (:func:`retrieval.anomaly.fit_space`)."""
+    space = fit_space(gallery, None, whitening, shrinkage, mode)
 
     def mapped(f: np.ndarray) -> np.ndarray:
         return space.map(f, whitening.embed(f) if space.input == JOINT else None)
@@ -183,7 +186,8 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
                       encoder: str | Path | None = None, k: int = DEFAULT_K, shrinkage: float = DEFAULT_SHRINKAGE,
                       work: str | Path | None = None, epochs: int | None = None, train_options: dict | None = None,
                       device: str = "auto", progress: bool = True, score: str = "index",
-                      only: list[str] | None = None, minutes: float | None = None) -> ProtocolResult:
+                      only: list[str] | None = None, minutes: float | None = None,
+                      anomaly_space: str = "features") -> ProtocolResult:
     """Run one protocol (see the module docstring).
 
     Args:
@@ -197,6 +201,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         train_options: further :class:`simclr.config.TrainConfig` fields for ``strict`` (the
             recipe); a run already in ``work`` is reused when it matches these.
         score: ``index`` (the anomaly space) or ``cosine`` (the old score, for comparison).
+        anomaly_space: the index's ``--anomaly-space`` (:data:`retrieval.anomaly.SPACE_MODES`).
         only: evaluate these classes alone (each still against all other test images).
 
     Raises:
@@ -210,6 +215,8 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         raise RetrievalError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if score not in SCORES:
         raise RetrievalError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    if anomaly_space not in SPACE_MODES:
+        raise RetrievalError(f"unknown anomaly space {anomaly_space!r}; known: {', '.join(SPACE_MODES)}")
     if k < 1:
         raise RetrievalError(f"k must be >= 1, got {k}")
     if protocol == "strict":
@@ -274,7 +281,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         is_anomaly = test_labels[labelled] != c
         if score == "index":
             value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage,
-                                       index_whitening(enc, gallery, protocol))
+                                       index_whitening(enc, gallery, protocol), anomaly_space)
         else:
             value, space = cosine_auroc(enc, gallery, queries[labelled], is_anomaly, k, refit=protocol == "shared-encoder")
         result.per_class[name], result.spaces[name] = value, space

@@ -19,6 +19,7 @@ import torch
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
 from retrieval.anomaly import (
+    SPACE_MODES,
     WHITENED,
     EncoderWhitening,
     append_drift_note,
@@ -85,6 +86,8 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         raise RetrievalError(f"batch size must be >= 1, got {cfg.batch_size}")
     if not cfg.anomaly_shrinkage > 0:
         raise RetrievalError(f"anomaly shrinkage must be positive, got {cfg.anomaly_shrinkage}")
+    if cfg.anomaly_space not in SPACE_MODES:
+        raise RetrievalError(f"unknown anomaly space {cfg.anomaly_space!r}; known: {', '.join(SPACE_MODES)}")
     if cfg.memory_budget_gb <= 0:
         raise RetrievalError(f"memory budget must be positive, got {cfg.memory_budget_gb} GB")
     if not cfg.encoder and not cfg.append:
@@ -117,7 +120,8 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
                 embedded.vectors, embedded.items, encoder.checksum, _encoder_summary(encoder),
                 cfg.index_type, [coll.source], int(cfg.memory_budget_gb * 2**30), cfg.progress,
             )
-            _fit_anomaly_space(store, embedded.features, embedded.vectors, EncoderWhitening.of(encoder), cfg.anomaly_shrinkage)
+            _fit_anomaly_space(store, embedded.features, embedded.vectors, EncoderWhitening.of(encoder), cfg.anomaly_shrinkage,
+                               cfg.anomaly_space)
             store.arrays[THUMBNAILS] = embedded.thumbnails
             notes = []
         else:
@@ -141,11 +145,10 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
 
 
 def _fit_anomaly_space(store: IndexStore, features: np.ndarray, vectors: np.ndarray,
-                       whitening: EncoderWhitening | None, shrinkage: float) -> None:
+                       whitening: EncoderWhitening | None, shrinkage: float, mode: str = "features") -> None:
     """Fit the anomaly space on the new gallery (:func:`retrieval.anomaly.fit_space`: its raw
-    features, joined by its search vectors when the encoder's whitening knows a broader
-    collection) and store its items' vectors in it."""
-    space = fit_space(features, vectors, whitening, shrinkage)
+    features, joined by its search vectors as ``mode`` says) and store its items' vectors in it."""
+    space = fit_space(features, vectors, whitening, shrinkage, mode)
     part = space.embedding_part
     info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage, input=space.input,
                        offset=space.offset, embedding_space=part.kind if part is not None else None)

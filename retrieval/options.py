@@ -62,6 +62,7 @@ class IndexConfig:
     anomaly_k: int = DEFAULT_K
     percentile: float = DEFAULT_PERCENTILE
     anomaly_shrinkage: float = DEFAULT_SHRINKAGE
+    anomaly_space: str = "features"  # retrieval.anomaly.SPACE_MODES
     progress: bool = True
 
 

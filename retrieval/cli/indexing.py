@@ -28,6 +28,7 @@ def index_cmd(
     anomaly_k: Annotated[int, typer.Option(help="Neighbours of the anomaly score's calibration.")] = D.anomaly_k,
     percentile: Annotated[float, typer.Option(help="Anomaly threshold percentile among normal items.")] = D.percentile,
     anomaly_shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening (a fraction of the largest eigenvalue).")] = D.anomaly_shrinkage,
+    anomaly_space: Annotated[str, typer.Option(help="features (raw features whitened on the gallery), joined (the search embedding beside them; for one kind of a broader collection the encoder was trained on), or auto (joined where the gallery's mean lies 3 times farther from the encoder whitening's centre than sampling explains).")] = D.anomaly_space,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = D.progress,
 ) -> None:
     """Embed a collection and write a FAISS index folder (also under torchrun, one shard per rank)."""
@@ -37,7 +38,8 @@ def index_cmd(
     cfg = IndexConfig(
         source=source, out=str(out), encoder=str(encoder) if encoder else None, index_type=index_type, append=append,
         batch_size=batch_size, workers=workers, device=device, memory_budget_gb=memory_budget_gb,
-        anomaly_k=anomaly_k, percentile=percentile, anomaly_shrinkage=anomaly_shrinkage, progress=progress,
+        anomaly_k=anomaly_k, percentile=percentile, anomaly_shrinkage=anomaly_shrinkage, anomaly_space=anomaly_space,
+        progress=progress,
     )
     try:
         report = build_index(cfg)

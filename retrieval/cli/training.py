@@ -166,6 +166,7 @@ def anomaly_eval(
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
+    anomaly_space: Annotated[str, typer.Option(help="The anomaly space as retrieval index --anomaly-space makes it: features, auto or joined.")] = "features",
     only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
     stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --chance-crop-min, --rotation-negatives, --seed, --init.")] = None,
     width: Annotated[Optional[int], typer.Option(help="strict: channels of the first ResNet stage.")] = None,
@@ -190,7 +191,7 @@ def anomaly_eval(
               "crop_min": crop_min, "chance_crop_min": chance_crop_min, "rotation_negatives": rotation_negatives, "seed": seed, "init": init}
     result = evaluate_protocol(protocol, train, test, encoder, k, shrinkage, work, epochs,
                                train_options={name: value for name, value in recipe.items() if value is not None}, minutes=minutes,
-                               device=device, progress=not as_json, score=score, only=only)
+                               device=device, progress=not as_json, score=score, only=only, anomaly_space=anomaly_space)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

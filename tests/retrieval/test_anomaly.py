@@ -196,17 +196,19 @@ def test_one_kind_of_a_product_range_is_scored_with_the_embedding_the_range_whit
     queries, query_kinds = product_range(seed=1, n=100)
     whitening = _broad_whitening(feats)
     gallery = feats[kinds == 0]
-    space = fit_space(gallery, None, whitening, 1e-4)
-    assert space.input == JOINT and space.offset > 20 and "broader collection" in space.describe()
+    space = fit_space(gallery, None, whitening, 1e-4, "auto")
+    assert space.input == JOINT and space.offset > 20 and "beside the search embedding" in space.describe()
     assert space.width(16) == 32 and space.map(gallery[:3], whitening.embed(gallery[:3])).shape == (3, 32)
     new = _space_auroc(space, gallery, queries, query_kinds != 0, whitening)
     old = _space_auroc(AnomalySpace.fit(gallery, 1e-4), gallery, queries, query_kinds != 0, None)
     assert new > 0.99 and old < 0.9, (new, old)
     # The gallery's own search vectors give the same space as its features do.
-    from_vectors = fit_space(gallery, whitening.embed(gallery), whitening, 1e-4)
+    from_vectors = fit_space(gallery, whitening.embed(gallery), whitening, 1e-4, "joined")
     np.testing.assert_allclose(from_vectors.embedding_part.matrix, space.embedding_part.matrix, rtol=1e-4, atol=1e-6)
-    # Its first part is the space the features alone give.
+    # Its first part is the space the features alone give, which is the default (the offset recorded).
     np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
+    default = fit_space(gallery, None, whitening, 1e-4)
+    assert default.input == "features" and default.embedding_part is None and default.offset == space.offset
 
 
 def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features() -> None:
@@ -218,7 +220,7 @@ def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features()
     for feats in (one_kind(n=3000)[0], product_range()[0]):
         whitening = _broad_whitening(feats)
         for gallery in (feats, feats[::3], feats[1::7]):
-            space = fit_space(gallery, None, whitening, 1e-4)
+            space = fit_space(gallery, None, whitening, 1e-4, "auto")
             assert space.input == FEATURES and space.offset < 1.5, space.offset
             np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
     # gallery_offset against a naive reference: squared distance of the two centres in the
@@ -230,5 +232,10 @@ def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features()
     centred = w - w.mean(0)
     expected = np.sum(w.mean(0) ** 2) / ((centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats)))
     assert gallery_offset(g, whitening.mean, whitening.matrix, len(feats)) == pytest.approx(expected, rel=1e-6)
-    # Without an encoder whitening there is nothing to compare with: raw features.
-    assert fit_space(g, None, None).input == FEATURES
+    # Without an encoder whitening there is nothing to compare with: raw features, and
+    # "joined" is refused in one line naming why; so is an unknown mode.
+    assert fit_space(g, None, None, mode="auto").input == FEATURES
+    with pytest.raises(RetrievalError, match="needs an encoder with a whitening"):
+        fit_space(g, None, None, mode="joined")
+    with pytest.raises(RetrievalError, match="unknown anomaly space 'nonsense'; known: features, auto, joined"):
+        fit_space(g, None, whitening, mode="nonsense")

@@ -390,3 +390,14 @@ def test_a_dangling_symlink_is_reported_under_its_own_name(tiny_encoder: Path, i
     r = run("index", "--encoder", tiny_encoder, "--source", src, "--out", tmp_path / "idx", "--workers", 0, "--no-progress")
     assert r.exit_code == 0, r.output
     assert "gone-link.png: broken symbolic link (to " in r.output and "1 unreadable file(s) skipped" in r.output
+
+
+def test_an_unknown_anomaly_space_is_refused_before_anything_is_written(tiny_encoder: Path, image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", out, "--anomaly-space", "nonsense",
+            "--workers", 0, "--no-progress")
+    assert r.exit_code == 1 and "unknown anomaly space 'nonsense'; known: features, auto, joined" in r.output, r.output
+    assert not out.exists()
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
+            "--test", image_folder, "--anomaly-space", "nonsense")
+    assert r.exit_code == 1 and "unknown anomaly space 'nonsense'" in r.output, r.output

@@ -176,8 +176,8 @@ def test_a_one_kind_index_ranks_its_planted_anomalies_on_top(tiny_encoder: Path)
 
 
 def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embedding(tiny_encoder: Path, tmp_path: Path) -> None:
-    """An encoder whose whitening was fit on all three kinds of pattern, an index of one kind:
-    the build joins the search vectors (the whitening knows the other kinds) to the raw features
+    """An encoder whose whitening was fit on all three kinds of pattern, an index of one kind
+    built with ``--anomaly-space auto``: the build joins the search vectors (the whitening knows the other kinds) to the raw features
     in the anomaly space, stores that in the manifest and says it in ``retrieval info``; a query
     is mapped as the build mapped its items (an indexed file scores as its stored vector), and
     the other kinds score as unusual."""
@@ -207,12 +207,13 @@ def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embeddi
     for i in range(400):
         kind_of("bars", rng).save(gallery / f"b{i:03d}.png")
     out = tmp_path / "idx"
-    build_index(IndexConfig(source=str(gallery), out=str(out), encoder=str(enc_path), workers=0, progress=False))
+    build_index(IndexConfig(source=str(gallery), out=str(out), encoder=str(enc_path), workers=0, progress=False,
+                            anomaly_space="auto"))
     store = IndexStore.load(out)
     info = store.manifest.anomaly
     assert info.input == JOINT and info.offset > 3 and info.embedding_space is not None, info
     words = describe_folder(out).anomaly
-    assert "search embedding" in words and "broader collection" in words, words
+    assert "beside the search embedding" in words and "times as far from the centre" in words, words
     service = Service.open(out, device="cpu")
     own = gallery / "b007.png"
     qv = service.embed([str(own)])
