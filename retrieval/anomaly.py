@@ -89,7 +89,6 @@ class AnomalySpace:
     matrix: np.ndarray | None = None  # (d, d)
     shrinkage: float | None = None
     fit_count: int = 0
-    input: str = FEATURES  # what it maps: raw features, or (JOINT) those and the search embedding
     offset: float | None = None  # gallery_offset against the encoder's whitening, when it has one
     embedding_part: "AnomalySpace | None" = None  # JOINT: the space of the search embedding
 
@@ -116,6 +115,11 @@ class AnomalySpace:
             return cls(PLAIN, fit_count=n)
         return cls(WHITENED, mean.numpy(), matrix.numpy(), shrinkage, n)
 
+    @property
+    def input(self) -> str:
+        """What it maps: raw features (FEATURES), or those and the search embedding (JOINT)."""
+        return JOINT if self.embedding_part is not None else FEATURES
+
     def map(self, features: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
         """The same items' raw features (n, d) and search embeddings (n, d) -> their vectors in
         this space (n, :meth:`width`) float32 (the embeddings are read only by a JOINT space)."""
@@ -139,15 +143,10 @@ class AnomalySpace:
 
     def describe(self) -> str:
         what = "raw features beside the search embedding" if self.input == JOINT else "raw features"
-        if self.offset is None:
-            why = ""
-        elif self.input == JOINT:
-            why = (f"; the gallery's mean lies {self.offset:.1f} times as far from the centre of the encoder "
-                   f"whitening's collection as sampling alone would put it")
-        else:
-            why = (f"; the gallery's mean lies {self.offset:.1f} times as far from the centre of the encoder "
-                   f"whitening's collection as sampling alone would put it (--anomaly-space auto joins the search "
-                   f"embedding from {BROADER_OFFSET:g})")
+        why = "" if self.offset is None else (
+            f"; the gallery's mean lies {self.offset:.1f} times as far from the centre of the encoder whitening's "
+            f"collection as sampling alone would put it"
+            + ("" if self.input == JOINT else f" (--anomaly-space auto joins the search embedding from {BROADER_OFFSET:g})"))
         if self.kind == PLAIN:
             return (f"mean Euclidean distance on {what} (plain: the {self.fit_count} gallery items were too few "
                     f"to fit a whitening){why}")
@@ -182,6 +181,12 @@ class EncoderWhitening:
         return (w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def check_space_mode(mode: str) -> None:
+    """Refuse an ``--anomaly-space`` that is not one of :data:`SPACE_MODES`, in one line."""
+    if mode not in SPACE_MODES:
+        raise RetrievalError(f"unknown anomaly space {mode!r}; known: {', '.join(SPACE_MODES)}")
+
+
 def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: EncoderWhitening | None,
               shrinkage: float = DEFAULT_SHRINKAGE, mode: str = "features") -> AnomalySpace:
     """The anomaly space of a gallery, from its raw features (n, d) and search embeddings (n, d):
@@ -189,8 +194,7 @@ def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: En
     ``mode`` ``joined``, or ``auto`` where the encoder's whitening was fit on a broader collection
     than the gallery (:data:`BROADER_OFFSET`); ``embeddings`` ``None``: made from the features
     with ``whitening``, as the encoder makes them. The offset is recorded whatever the mode."""
-    if mode not in SPACE_MODES:
-        raise RetrievalError(f"unknown anomaly space {mode!r}; known: {', '.join(SPACE_MODES)}")
+    check_space_mode(mode)
     space = AnomalySpace.fit(features, shrinkage)
     if whitening is None:
         if mode == "joined":
@@ -200,7 +204,6 @@ def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: En
     space.offset = gallery_offset(features, whitening.mean, whitening.matrix, whitening.count)
     if mode == "joined" or (mode == "auto" and space.offset >= BROADER_OFFSET):
         space.embedding_part = AnomalySpace.fit(whitening.embed(features) if embeddings is None else embeddings, shrinkage)
-        space.input = JOINT
     return space
 
 
@@ -391,7 +394,7 @@ def stored_space(store: IndexStore) -> AnomalySpace | None:
                             info.fit_count)
 
     space = part(info.space, info.mean, info.matrix)
-    space.input, space.offset = info.input, info.offset
+    space.offset = info.offset
     if info.input == JOINT:
         space.embedding_part = part(info.embedding_space or PLAIN, info.embedding_mean, info.embedding_matrix)
     return space

@@ -41,10 +41,9 @@ import torch.nn.functional as F
 from retrieval.anomaly import (
     DEFAULT_K,
     DEFAULT_SHRINKAGE,
-    JOINT,
-    SPACE_MODES,
     EncoderWhitening,
     auroc,
+    check_space_mode,
     fit_space,
     knn_distance,
     mean_distance,
@@ -124,12 +123,11 @@ def class_auroc(gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray
     """AUROC of the index's score for raw features: the anomaly space fit on the gallery as an
     index of an encoder with ``whitening`` fits it with ``--anomaly-space mode``
     (:func:`retrieval.anomaly.fit_space`)."""
-    space = fit_space(gallery, None, whitening, shrinkage, mode)
-
-    def mapped(f: np.ndarray) -> np.ndarray:
-        return space.map(f, whitening.embed(f) if space.input == JOINT else None)
-
-    dists = knn_l2(mapped(queries), mapped(gallery), k)
+    # (the search embeddings, as the encoder makes them, where a joined space may read them)
+    joinable = whitening is not None and mode != "features"
+    g_emb, q_emb = (whitening.embed(gallery), whitening.embed(queries)) if joinable else (None, None)
+    space = fit_space(gallery, g_emb, whitening, shrinkage, mode)
+    dists = knn_l2(space.map(queries, q_emb), space.map(gallery, g_emb), k)
     return auroc(mean_distance(dists, k), is_anomaly), space.describe()
 
 
@@ -215,8 +213,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         raise RetrievalError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if score not in SCORES:
         raise RetrievalError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
-    if anomaly_space not in SPACE_MODES:
-        raise RetrievalError(f"unknown anomaly space {anomaly_space!r}; known: {', '.join(SPACE_MODES)}")
+    check_space_mode(anomaly_space)
     if k < 1:
         raise RetrievalError(f"k must be >= 1, got {k}")
     if protocol == "strict":

@@ -19,11 +19,11 @@ import torch
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
 from retrieval.anomaly import (
-    SPACE_MODES,
     WHITENED,
     EncoderWhitening,
     append_drift_note,
     calibrate,
+    check_space_mode,
     fit_space,
     stored_calibration,
     stored_space,
@@ -86,8 +86,7 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         raise RetrievalError(f"batch size must be >= 1, got {cfg.batch_size}")
     if not cfg.anomaly_shrinkage > 0:
         raise RetrievalError(f"anomaly shrinkage must be positive, got {cfg.anomaly_shrinkage}")
-    if cfg.anomaly_space not in SPACE_MODES:
-        raise RetrievalError(f"unknown anomaly space {cfg.anomaly_space!r}; known: {', '.join(SPACE_MODES)}")
+    check_space_mode(cfg.anomaly_space)
     if cfg.memory_budget_gb <= 0:
         raise RetrievalError(f"memory budget must be positive, got {cfg.memory_budget_gb} GB")
     if not cfg.encoder and not cfg.append:
