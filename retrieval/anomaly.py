@@ -181,10 +181,14 @@ class EncoderWhitening:
         return (w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def check_space_mode(mode: str) -> None:
-    """Refuse an ``--anomaly-space`` that is not one of :data:`SPACE_MODES`, in one line."""
+def check_space_mode(mode: str, whitened: bool = True) -> None:
+    """Refuse, in one line, an ``--anomaly-space`` that is not one of :data:`SPACE_MODES`, or
+    ``joined`` for an encoder without a whitening (``whitened``)."""
     if mode not in SPACE_MODES:
         raise RetrievalError(f"unknown anomaly space {mode!r}; known: {', '.join(SPACE_MODES)}")
+    if mode == "joined" and not whitened:
+        raise RetrievalError("--anomaly-space joined needs an encoder with a whitening (its search embedding is "
+                             "what joins the space); this one has none")
 
 
 def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: EncoderWhitening | None,
@@ -194,12 +198,9 @@ def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: En
     ``mode`` ``joined``, or ``auto`` where the encoder's whitening was fit on a broader collection
     than the gallery (:data:`BROADER_OFFSET`); ``embeddings`` ``None``: made from the features
     with ``whitening``, as the encoder makes them. The offset is recorded whatever the mode."""
-    check_space_mode(mode)
+    check_space_mode(mode, whitening is not None)
     space = AnomalySpace.fit(features, shrinkage)
     if whitening is None:
-        if mode == "joined":
-            raise RetrievalError("--anomaly-space joined needs an encoder with a whitening (its search embedding is "
-                                 "what joins the space); this one has none")
         return space
     space.offset = gallery_offset(features, whitening.mean, whitening.matrix, whitening.count)
     if mode == "joined" or (mode == "auto" and space.offset >= BROADER_OFFSET):

@@ -100,6 +100,8 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
         from index.ann import new_index
 
         new_index(encoder.dim, cfg.index_type)  # refuse a bad factory string before embedding
+    if store is None:
+        check_space_mode(cfg.anomaly_space, encoder.whitened)  # before embedding
     coll = open_collection(cfg.source)
     skip = set(store.items.hashes) if store is not None else set()
     part = embed_collection(

@@ -398,6 +398,11 @@ def test_an_unknown_anomaly_space_is_refused_before_anything_is_written(tiny_enc
             "--workers", 0, "--no-progress")
     assert r.exit_code == 1 and "unknown anomaly space 'nonsense'; known: features, auto, joined" in r.output, r.output
     assert not out.exists()
+    # joined for an encoder without a whitening (this one, from 48 images): refused before embedding.
+    r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", out, "--anomaly-space", "joined",
+            "--workers", 0, "--no-progress")
+    assert r.exit_code == 1 and "--anomaly-space joined needs an encoder with a whitening" in r.output, r.output
+    assert not out.exists()
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
             "--test", image_folder, "--anomaly-space", "nonsense")
     assert r.exit_code == 1 and "unknown anomaly space 'nonsense'" in r.output, r.output
