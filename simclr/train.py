@@ -630,10 +630,11 @@ class EvalSet:
 
 @torch.no_grad()
 def _features(enc: Encoder, s: EvalSet, embed: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (or, with ``embed``, embeddings) of the images at ``s.positions``, with
-    their labels; unreadable files (streaming) are left out."""
+    """Backbone features (or, with ``embed``, embeddings) of the images at ``s.positions``, read
+    as an index reads them (:meth:`TrainingImages.as_indexed`), with their labels; unreadable
+    files are left out."""
     feats, labels = [], []
-    for positions, x in s.images.batches(s.positions.split(batch_size)):
+    for positions, x in s.images.as_indexed(s.positions.split(batch_size), enc.spec.image_size):
         f = enc.features(x)
         feats.append(enc.from_features(f) if embed else f)
         labels.append(s.images.labels[positions])

@@ -14,7 +14,11 @@ gives the same batches whichever kind holds the data.
 
 A folder's files are decoded the same way on both paths (:func:`simclr.images.read_image`:
 shorter side to the *load size*, a little above the training size, then a centre crop), so
-that the batched random crops of :mod:`simclr.augment` have some margin to work with.
+that the batched random crops of :mod:`simclr.augment` have some margin to work with. What the
+trainer measures on whole images (the whitening it fits at the end, the kNN monitor) reads them
+as an index reads them instead (:meth:`TrainingImages.as_indexed`: decoded straight to the
+encoder's size): decoding at the load size and resizing again gives other pixels, and a
+whitening fit on those is centred away from the vectors an index makes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +96,13 @@ class TrainingImages:
         """
         raise NotImplementedError
 
+    def as_indexed(self, order: Sequence[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Like :meth:`batches`, with the images as an index of the encoder reads them: a
+        folder's files decoded straight to ``size`` (:func:`simclr.images.read_image`, as
+        ``retrieval index`` does), not to the load size; a data set's images as held (the
+        encoder resizes them itself). Unreadable files are left out."""
+        return self.batches(order)
+
     def close(self) -> None:
         """Release what the images kept on disk for the run (called when it is over)."""
 
@@ -101,10 +113,18 @@ class TrainingImages:
 
 
 class InMemoryImages(TrainingImages):
-    def __init__(self, data: ImageData, channels: int):
+    """``data``'s images; with ``files``, the files they were decoded from (a folder's)."""
+
+    def __init__(self, data: ImageData, channels: int, files: Sequence[str | Path] | None = None):
         self.images = match_channels(data.images, channels)
         self.labels, self.classes, self.source = data.labels, data.classes, data.source
         self.channels, self.skipped = channels, data.skipped
+        self.files = None if files is None else np.array([os.fsencode(p) for p in files])
+
+    def as_indexed(self, order: Sequence[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.files is None:
+            return self.batches(order)
+        return decoded_at(self.files, order, size, self.channels)
 
     def place(self, device: torch.device) -> None:
         """Keep the images on the GPU when they take less than a quarter of its free memory
@@ -143,6 +163,24 @@ class _Decode(Dataset):
         if key is not None:
             self.cache.put(i, key, image)
         return i, image
+
+
+def decoded_at(paths: np.ndarray, order: Sequence[torch.Tensor], size: int,
+               channels: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each row of positions: (the positions read, the files at them decoded to ``size``),
+    decoded by a pool of threads; unreadable files are left out."""
+    def read(i: int) -> torch.Tensor | None:
+        try:
+            return read_image(os.fsdecode(paths[i]), size, channels)
+        except ImageReadError:
+            return None
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for row in order:
+            rows = row.tolist()
+            kept = [(i, x) for i, x in zip(rows, pool.map(read, rows)) if x is not None]
+            if kept:
+                yield torch.tensor([i for i, _ in kept], dtype=torch.int64), torch.stack([x for _, x in kept])
 
 
 def _collate(rows: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
@@ -223,6 +261,9 @@ class StreamedImages(TrainingImages):
             if not nested:
                 self._passing = False
 
+    def as_indexed(self, order: Sequence[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return decoded_at(self.paths, order, size, self.channels)
+
     def close(self) -> None:
         self._loader = None  # (stops the workers)
         if self.cache is not None:
@@ -287,7 +328,8 @@ def open_training_images(data: str, how: Loading, device: torch.device) -> Train
     need = len(listing.paths) * channels * size * size
     budget = memory_budget_bytes(how.memory_budget_gb)
     if how.loader == "memory" or (how.loader == "auto" and need <= budget):
-        return InMemoryImages(decode_listing(listing, size, channels), channels)
+        decoded = decode_listing(listing, size, channels)
+        return InMemoryImages(decoded, channels, files=decoded.refs)
     workers = default_workers(device) if how.workers is None else how.workers
     if how.loader == "auto":
         log.info("%s: %d images decoded at %d px take %.1f GiB, more than the memory budget of %.1f GiB "

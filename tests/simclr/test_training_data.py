@@ -264,3 +264,29 @@ def test_folders_default_to_the_photo_resolution_and_data_sets_to_theirs(image_f
     assert (small.image_size, small.pooling, small.flip_average) == (32, "global", False)
     assert TrainConfig(data=str(image_folder), pooling="global").resolve(cpu).pooling == "global"  # given, kept
     assert TrainConfig(data=str(image_folder), epochs=2).resolve(cpu).minutes is None
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_the_trainers_whitening_is_fit_on_images_read_as_the_index_reads_them(tmp_path: Path, loader: str) -> None:
+    """Training decodes a folder at the load size, a little larger than the encoder's; the
+    whitening fit at the end must be centred on what an index of the encoder embeds (files
+    decoded straight to the encoder's size), not on the training images resized again."""
+    from simclr.encoder import Encoder
+    from simclr.whitening import fit_whitening
+    from tests.helpers import make_folder
+
+    folder = make_folder(tmp_path / "images", per_class=170, size=24)  # 510 images: enough to whiten
+    cfg = _cfg(folder, tmp_path / "run", loader=loader, loader_workers=1, batch_size=64)
+    enc = Encoder.load(train(cfg).encoder, "cpu")
+    assert enc.whitened and enc.white_count == 510
+    paths = scan_folder(folder).paths
+
+    def features(size: int) -> torch.Tensor:
+        with torch.no_grad():
+            return enc.features(torch.stack([read_image(p, size) for p in paths]))
+
+    mean, matrix = fit_whitening(features(16))  # what an index embeds
+    torch.testing.assert_close(enc.white_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(enc.white_matrix, matrix, rtol=1e-3, atol=1e-4)
+    # (the training images, resized by the encoder, give another centre: the test can tell)
+    assert (features(load_size(16)).mean(0) - mean).abs().max() > 100 * 1e-5
