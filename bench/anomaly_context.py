@@ -7,7 +7,8 @@ trained, and its whitening fit, on a collection of many kinds and the gallery is
 anomaly-eval``), the encoder's whitening holds what sets the kinds apart, which a whitening fit
 on one kind cannot see. Variant i uses it: the stored search vector (the encoder's whitened,
 normalised embedding), whitened again on the gallery. (``retrieval index --anomaly-space joined``
-joins i to d; ``auto`` where the offset below is 3 or more: ``retrieval.anomaly.fit_space``.)
+joins i to d; ``auto``, the default, where the gallery is one part of the whitening's
+collection, by the offset and reach below: ``retrieval.anomaly.fit_space``.)
 
 This study measures, for galleries of one class, of two classes, and of every class, with the
 encoder's whitening as trained (on the whole collection) and refit on the gallery (what
@@ -16,12 +17,22 @@ training on the gallery alone gives: the ``shared-encoder`` protocol):
 - the AUROC of d and of i (mean L2 distance to the k nearest, shrinkage 1e-4);
 - ``z``: how far the gallery's mean lies from the encoder whitening's centre, in that
   whitening's own units, against what sampling alone would give
-  (:func:`retrieval.anomaly.gallery_offset`); about 1 when the gallery is a sample of what the
-  whitening was fit on, far above when it is one part of it.
+  (:func:`retrieval.anomaly.place_gallery`); about 1 when the gallery is a sample of what the
+  whitening was fit on, far above when it is one part of it;
+- ``reach``: the gallery's mean squared distance from that centre along the direction its mean
+  moved, in those units: at most 1 / p for a part making up a share p of the collection, far
+  beyond for a gallery shifted off it (other light);
+- ``auto``: the AUROC of the space ``retrieval index`` makes by default (joined where z and
+  reach say the gallery is a part: :attr:`retrieval.anomaly.Placement.part`; d otherwise).
 
     .venv/bin/python bench/anomaly_context.py --encoder ENC.pt [--json OUT.json]
     .venv/bin/python bench/anomaly_context.py --encoder RANGE.pt --lines GEAR/train:GEAR/test NUT/train:NUT/test
     .venv/bin/python bench/anomaly_context.py --encoder LINE.pt --lines GEAR/train:GEAR/test --brightness 0.8
+
+``--refit`` fits the encoder's whitening again on the lines' training images at their own light,
+read as an index reads them, instead of using the one in the encoder file: what the trainer fits
+since 2026-12-07 (files trained before fit it on the training images decoded at the load size
+and resized again, ``bench/whitening_centre.py``).
 
 ENC: an encoder trained on all of Fashion-MNIST's training images (the demo recipe), with its
 whitening; RANGE: one trained on the good parts of several inspection lines
@@ -48,7 +59,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.anomaly import DEFAULT_K, AnomalySpace, auroc, gallery_offset, mean_distance  # noqa: E402
+from retrieval.anomaly import DEFAULT_K, AnomalySpace, auroc, mean_distance, place_gallery  # noqa: E402
 from retrieval.anomaly_eval import _features, _slug, knn_l2  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
@@ -87,8 +98,8 @@ def study(name: str, g: torch.Tensor, q: torch.Tensor, is_anomaly: np.ndarray | 
     """d, i (the encoder's whitening as trained), i (refit on the gallery), their combinations,
     and z for one gallery."""
     mean, matrix = enc_whitening
-    row = {"gallery": name, "items": len(g),
-           "z": gallery_offset(g.numpy(), mean.numpy(), matrix.numpy(), fit_count)}
+    placed = place_gallery(g.numpy(), mean.double().numpy(), matrix.double().numpy(), fit_count)
+    row = {"gallery": name, "items": len(g), "z": placed.offset, "reach": placed.reach, "part": placed.part}
     if is_anomaly is not None:
         a = lambda s: 100 * auroc(s, is_anomaly)  # noqa: E731
         gd, qd, ld = gallery_whitened(g, q)
@@ -100,10 +111,11 @@ def study(name: str, g: torch.Tensor, q: torch.Tensor, is_anomaly: np.ndarray | 
         scale_d, scale_i = np.median(ld), np.median(li)
         row["joined, parts scaled"] = a(score(np.hstack([gd / scale_d, gi / scale_i]), np.hstack([qd / scale_d, qi / scale_i])))
         row["joined (the index)"] = a(score(np.hstack([gd, gi]), np.hstack([qd, qi])))
+        row["auto (the index's default)"] = row["joined (the index)"] if placed.part else row["d"]
         rm, rw = fit_whitening(g)
         gr, qr, _ = gallery_whitened(unit_embedding(g, rm, rw), unit_embedding(q, rm, rw))
         row["i (refit on the gallery)"] = a(score(gr, qr))
-        row["z (refit)"] = gallery_offset(g.numpy(), rm.numpy(), rw.numpy(), len(g))
+        row["z (refit)"] = place_gallery(g.numpy(), rm.double().numpy(), rw.double().numpy(), len(g)).offset
     log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return row
 
@@ -125,8 +137,8 @@ def features_of(enc: Encoder, source: str, size: int | None = None, brightness: 
     return feats, data
 
 
-KEYS = ["items", "z", "d", "i (as trained)", "max of the standardised scores", "standardised scores summed",
-        "joined, parts scaled", "joined (the index)", "i (refit on the gallery)", "z (refit)"]
+KEYS = ["items", "z", "reach", "d", "i (as trained)", "max of the standardised scores", "standardised scores summed",
+        "joined, parts scaled", "joined (the index)", "auto (the index's default)", "i (refit on the gallery)", "z (refit)"]
 
 
 def main() -> None:
@@ -139,6 +151,9 @@ def main() -> None:
     p.add_argument("--brightness", type=float, default=1.0,
                    help="with --lines: scale every pixel of the lines' images by this (a batch under other light "
                         "than the encoder's training images)")
+    p.add_argument("--refit", action="store_true",
+                   help="with --lines: fit the encoder's whitening again on all the lines' training images, read as "
+                        "an index reads them (as the trainer does now), instead of the encoder file's")
     p.add_argument("--json", type=Path, default=OUT / "results.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -151,6 +166,9 @@ def main() -> None:
     fit_count = enc.whitening_fit_count()
     rows = []
     if args.lines:
+        if args.refit:
+            feats = torch.cat([features_of(enc, line.partition(":")[0], enc.spec.image_size)[0] for line in args.lines])
+            whitening, fit_count = fit_whitening(feats), len(feats)
         for line in args.lines:
             train, _, test = line.partition(":")
             gallery, _ = features_of(enc, train, enc.spec.image_size, args.brightness)

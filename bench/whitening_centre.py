@@ -15,7 +15,7 @@ the one in the encoder file):
 - weighted kNN@200 top-1 of the test files against the training files, both read as the index
   reads them (``retrieval knn-eval``'s figure);
 - the offset of each split's mean from the whitening's centre
-  (:func:`retrieval.anomaly.gallery_offset`: about 1 for a sample of what it was fit on).
+  (the offset of :func:`retrieval.anomaly.place_gallery`: about 1 for a sample of what it was fit on).
 
     .venv/bin/python bench/whitening_centre.py --encoder RUN/encoder.pt --data bench/out/photos \\
         --json bench/out/whitening_centre.json
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.anomaly import gallery_offset  # noqa: E402
+from retrieval.anomaly import place_gallery  # noqa: E402
 from simclr.data import load_images  # noqa: E402
 from simclr.encoder import Encoder, embed_images  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
@@ -85,7 +85,8 @@ def main() -> None:
         else:
             mean, matrix, count = w
             g, q = (F.normalize((f - mean) @ matrix, dim=1) for f in (train, test))
-            offsets = {f"offset of {split}": round(gallery_offset(f.numpy(), mean.numpy(), matrix.numpy(), count), 2)
+            m64, w64 = mean.double().numpy(), matrix.double().numpy()
+            offsets = {f"offset of {split}": round(place_gallery(f.double().numpy(), m64, w64, count).offset, 2)
                        for split, f in (("train", train), ("test", test))}
             offsets["centre moved (whitened units, per dimension)"] = round(
                 float((((resized[sample].mean(0) - train[sample].mean(0)) @ matrix) ** 2).mean().sqrt()), 4)

@@ -54,7 +54,7 @@ class CalibrationInfo:
 class AnomalyInfo:
     """The space anomaly scores are measured in, fit on the gallery at build time: its kind
     (``gallery-whitened`` or ``plain``), the items it was fit on, what it maps (raw features, or
-    those beside the search embedding, and the offset that chose it), and the arrays holding the
+    those beside the search embedding, and the placement that chose it), and the arrays holding the
     items' vectors in it and (when whitened) its mean and matrix."""
 
     space: str
@@ -62,6 +62,7 @@ class AnomalyInfo:
     shrinkage: float | None = None
     input: str = "features"  # what the space maps: "features" (raw), or "features+embedding" (and the search vectors)
     offset: float | None = None  # the gallery's offset from the encoder whitening's centre (retrieval.anomaly)
+    reach: float | None = None  # how far the gallery reaches from that centre along its offset (retrieval.anomaly)
     embedding_space: str | None = None  # features+embedding: the kind of the search vectors' part
     vectors: str = "anomaly_vectors"
     mean: str = "anomaly_mean"

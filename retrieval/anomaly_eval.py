@@ -17,10 +17,10 @@ saw the anomalies before the test:
   class would have it.
 - ``transductive``: the same encoder with its own whitening, fit on all training images,
   anomalies included: what an index of one kind of a broader collection gets from an encoder
-  trained on all of it (a product range, one product's photos as the gallery). With
-  ``--anomaly-space auto`` or ``joined`` the index's space joins the search embedding, whose
-  whitening knows the other kinds, to the raw features (:func:`retrieval.anomaly.fit_space`);
-  with ``--score cosine`` it is the former headline.
+  trained on all of it (a product range, one product's photos as the gallery). There the
+  index's space (``--anomaly-space auto``, the default, or ``joined``) joins the search
+  embedding, whose whitening knows the other kinds, to the raw features
+  (:func:`retrieval.anomaly.fit_space`); with ``--score cosine`` it is the former headline.
 
 Everything here runs on torch and numpy alone (no FAISS).
 """
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from retrieval.anomaly import (
     DEFAULT_K,
     DEFAULT_SHRINKAGE,
+    DEFAULT_SPACE_MODE,
     EncoderWhitening,
     auroc,
     check_space_mode,
@@ -119,7 +120,7 @@ def knn_l2(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 2048) 
 
 
 def class_auroc(gallery: np.ndarray, queries: np.ndarray, is_anomaly: np.ndarray, k: int,
-                shrinkage: float, whitening: EncoderWhitening | None = None, mode: str = "features") -> tuple[float, str]:
+                shrinkage: float, whitening: EncoderWhitening | None = None, mode: str = DEFAULT_SPACE_MODE) -> tuple[float, str]:
     """AUROC of the index's score for raw features: the anomaly space fit on the gallery as an
     index of an encoder with ``whitening`` fits it with ``--anomaly-space mode``
     (:func:`retrieval.anomaly.fit_space`)."""
@@ -185,7 +186,7 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
                       work: str | Path | None = None, epochs: int | None = None, train_options: dict | None = None,
                       device: str = "auto", progress: bool = True, score: str = "index",
                       only: list[str] | None = None, minutes: float | None = None,
-                      anomaly_space: str = "features") -> ProtocolResult:
+                      anomaly_space: str = DEFAULT_SPACE_MODE) -> ProtocolResult:
     """Run one protocol (see the module docstring).
 
     Args:

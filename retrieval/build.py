@@ -19,6 +19,7 @@ import torch
 from index import IndexStore, Items
 from index.manifest import AnomalyInfo, CalibrationInfo, EncoderInfo, MapInfo
 from retrieval.anomaly import (
+    DEFAULT_SPACE_MODE,
     WHITENED,
     EncoderWhitening,
     append_drift_note,
@@ -146,13 +147,14 @@ def build_index(cfg: IndexConfig) -> BuildReport | None:
 
 
 def _fit_anomaly_space(store: IndexStore, features: np.ndarray, vectors: np.ndarray,
-                       whitening: EncoderWhitening | None, shrinkage: float, mode: str = "features") -> None:
+                       whitening: EncoderWhitening | None, shrinkage: float, mode: str = DEFAULT_SPACE_MODE) -> None:
     """Fit the anomaly space on the new gallery (:func:`retrieval.anomaly.fit_space`: its raw
     features, joined by its search vectors as ``mode`` says) and store its items' vectors in it."""
     space = fit_space(features, vectors, whitening, shrinkage, mode)
-    part = space.embedding_part
+    part, placed = space.embedding_part, space.placement
     info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage, input=space.input,
-                       offset=space.offset, embedding_space=part.kind if part is not None else None)
+                       offset=placed.offset if placed else None, reach=placed.reach if placed else None,
+                       embedding_space=part.kind if part is not None else None)
     store.arrays[info.vectors] = space.map(features, vectors).astype(np.float16)
     if space.kind == WHITENED:
         store.arrays[info.mean], store.arrays[info.matrix] = space.mean, space.matrix

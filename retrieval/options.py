@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from index.ann import DEFAULT_MEMORY_BUDGET
-from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE
+from retrieval.anomaly import DEFAULT_K, DEFAULT_PERCENTILE, DEFAULT_SHRINKAGE, DEFAULT_SPACE_MODE
 from retrieval.duplicates import DEFAULT_K as DUPLICATE_K
 from retrieval.errors import RetrievalError
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
@@ -62,7 +62,7 @@ class IndexConfig:
     anomaly_k: int = DEFAULT_K
     percentile: float = DEFAULT_PERCENTILE
     anomaly_shrinkage: float = DEFAULT_SHRINKAGE
-    anomaly_space: str = "features"  # retrieval.anomaly.SPACE_MODES
+    anomaly_space: str = DEFAULT_SPACE_MODE  # retrieval.anomaly.SPACE_MODES
     progress: bool = True
 
 

@@ -28,7 +28,7 @@ def index_cmd(
     anomaly_k: Annotated[int, typer.Option(help="Neighbours of the anomaly score's calibration.")] = D.anomaly_k,
     percentile: Annotated[float, typer.Option(help="Anomaly threshold percentile among normal items.")] = D.percentile,
     anomaly_shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening (a fraction of the largest eigenvalue).")] = D.anomaly_shrinkage,
-    anomaly_space: Annotated[str, typer.Option(help="features (raw features whitened on the gallery), joined (the search embedding beside them; for one kind of a broader collection the encoder was trained on), or auto (joined where the gallery's mean lies 3 times farther from the encoder whitening's centre than sampling explains).")] = D.anomaly_space,
+    anomaly_space: Annotated[str, typer.Option(help="auto (the search embedding joins the raw features whitened on the gallery where the gallery is one part of the collection the encoder's whitening was fit on: apart from its centre, within its reach; retrieval info says which), features (never), or joined (always).")] = D.anomaly_space,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = D.progress,
 ) -> None:
     """Embed a collection and write a FAISS index folder (also under torchrun, one shard per rank)."""

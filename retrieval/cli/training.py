@@ -10,6 +10,7 @@ import typer
 
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import DEFAULT_SHRINKAGE as ANOMALY_SHRINKAGE
+from retrieval.anomaly import DEFAULT_SPACE_MODE as ANOMALY_SPACE
 from retrieval.cli.app import DeviceOpt, JsonOpt, app, echo_lines, handles_errors
 from simclr.knn_defaults import KNN_K, KNN_TEMPERATURE
 
@@ -166,7 +167,7 @@ def anomaly_eval(
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the kNN distance.")] = ANOMALY_K,
     shrinkage: Annotated[float, typer.Option(help="Shrinkage of the anomaly space's whitening.")] = ANOMALY_SHRINKAGE,
     score: Annotated[str, typer.Option(help="index (the anomaly space) or cosine (the old score, for comparison).")] = "index",
-    anomaly_space: Annotated[str, typer.Option(help="The anomaly space as retrieval index --anomaly-space makes it: features, auto or joined.")] = "features",
+    anomaly_space: Annotated[str, typer.Option(help="The anomaly space as retrieval index --anomaly-space makes it: auto, features or joined.")] = ANOMALY_SPACE,
     only: Annotated[Optional[list[str]], typer.Option("--class", help="Evaluate this class only (repeat for several).")] = None,
     stem: Annotated[Optional[str], typer.Option(help="strict: the recipe each class trains with, as retrieval train's options of these names (default: its defaults for the device). Also --width, --image-size, --batch-size, --pooling, --crop-min, --chance-crop-min, --rotation-negatives, --seed, --init.")] = None,
     width: Annotated[Optional[int], typer.Option(help="strict: channels of the first ResNet stage.")] = None,

@@ -196,8 +196,9 @@ def test_one_kind_of_a_product_range_is_scored_with_the_embedding_the_range_whit
     queries, query_kinds = product_range(seed=1, n=100)
     whitening = _broad_whitening(feats)
     gallery = feats[kinds == 0]
-    space = fit_space(gallery, None, whitening, 1e-4, "auto")
-    assert space.input == JOINT and space.offset > 20 and "beside the search embedding" in space.describe()
+    space = fit_space(gallery, None, whitening, 1e-4)  # (the default: auto)
+    assert space.input == JOINT and space.placement.offset > 20 and space.placement.part
+    assert "beside the search embedding" in space.describe() and "one part of that collection" in space.describe()
     assert space.width(16) == 32 and space.map(gallery[:3], whitening.embed(gallery[:3])).shape == (3, 32)
     new = _space_auroc(space, gallery, queries, query_kinds != 0, whitening)
     old = _space_auroc(AnomalySpace.fit(gallery, 1e-4), gallery, queries, query_kinds != 0, None)
@@ -205,37 +206,65 @@ def test_one_kind_of_a_product_range_is_scored_with_the_embedding_the_range_whit
     # The gallery's own search vectors give the same space as its features do.
     from_vectors = fit_space(gallery, whitening.embed(gallery), whitening, 1e-4, "joined")
     np.testing.assert_allclose(from_vectors.embedding_part.matrix, space.embedding_part.matrix, rtol=1e-4, atol=1e-6)
-    # Its first part is the space the features alone give, which is the default (the offset recorded).
+    # Its first part is the space the features alone give, which --anomaly-space features keeps
+    # (the placement recorded).
     np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
-    default = fit_space(gallery, None, whitening, 1e-4)
-    assert default.input == "features" and default.embedding_part is None and default.offset == space.offset
+    alone = fit_space(gallery, None, whitening, 1e-4, "features")
+    assert alone.input == "features" and alone.embedding_part is None and alone.placement == space.placement
 
 
 def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features() -> None:
     """Where the gallery is what the encoder's whitening was fit on (or a sample of it: a
     one-kind collection, or the whole range), the space is the one fit on raw features, as
     before; its offset from the whitening's centre is what sampling gives (about 1)."""
-    from retrieval.anomaly import FEATURES, AnomalySpace, fit_space, gallery_offset
+    from retrieval.anomaly import FEATURES, AnomalySpace, fit_space, place_gallery
 
     for feats in (one_kind(n=3000)[0], product_range()[0]):
         whitening = _broad_whitening(feats)
         for gallery in (feats, feats[::3], feats[1::7]):
             space = fit_space(gallery, None, whitening, 1e-4, "auto")
-            assert space.input == FEATURES and space.offset < 1.5, space.offset
+            assert space.input == FEATURES and space.placement.offset < 1.5, space.placement
+            assert "a sample of that collection" in space.describe()
             np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
-    # gallery_offset against a naive reference: squared distance of the two centres in the
-    # whitening's units, over the gallery's own variance in them times (1/n + 1/count).
+    # place_gallery against a naive reference. The offset: the squared distance of the two
+    # centres in the whitening's units, over the gallery's own variance in them times
+    # (1/n + 1/count). The reach: the items' mean squared distance from the whitening's centre
+    # along the direction to the gallery's centre, in those units.
     feats, kinds = product_range()
     whitening = _broad_whitening(feats)
     g = feats[kinds == 2].astype(np.float64)
     w = (g - whitening.mean) @ whitening.matrix
     centred = w - w.mean(0)
-    expected = np.sum(w.mean(0) ** 2) / ((centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats)))
-    assert gallery_offset(g, whitening.mean, whitening.matrix, len(feats)) == pytest.approx(expected, rel=1e-6)
+    offset = np.sum(w.mean(0) ** 2) / ((centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats)))
+    reach = np.mean((w @ (w.mean(0) / np.linalg.norm(w.mean(0)))) ** 2)
+    placed = place_gallery(g, whitening.mean, whitening.matrix, len(feats), batch=100)
+    assert (placed.offset, placed.reach) == (pytest.approx(offset, rel=1e-6), pytest.approx(reach, rel=1e-6))
+    # A part making up a share p of the collection reaches at most 1 / p (here 1 / 6).
+    assert 1 < placed.reach <= 6 and placed.part
     # Without an encoder whitening there is nothing to compare with: raw features, and
     # "joined" is refused in one line naming why; so is an unknown mode.
     assert fit_space(g, None, None, mode="auto").input == FEATURES
     with pytest.raises(RetrievalError, match="needs an encoder with a whitening"):
         fit_space(g, None, None, mode="joined")
-    with pytest.raises(RetrievalError, match="unknown anomaly space 'nonsense'; known: features, auto, joined"):
+    with pytest.raises(RetrievalError, match="unknown anomaly space 'nonsense'; known: auto, features, joined"):
         fit_space(g, None, whitening, mode="nonsense")
+
+
+def test_a_gallery_shifted_off_the_encoders_collection_keeps_raw_features() -> None:
+    """The encoder's own kind under other light (every feature scaled, as darker photos scale
+    them): its mean lies as far from the whitening's centre as a part of a broader collection's
+    does, but it reaches beyond where any part of that collection could (a reach past 1 / p for
+    every share p down to PART_REACH's), so auto keeps the raw features' space and says why;
+    the same kind as it was, and one kind of a range, join."""
+    from retrieval.anomaly import FEATURES, JOINT, PART_REACH, fit_space
+
+    feats, _ = one_kind(n=3000, anomalies=0)
+    whitening = _broad_whitening(feats)
+    for light in (0.9, 0.8, 0.6):
+        space = fit_space(feats * light, None, whitening, 1e-4)
+        assert space.placement.offset > 100 and space.placement.reach > PART_REACH, (light, space.placement)
+        assert space.input == FEATURES and "shifted off that collection" in space.describe()
+        assert fit_space(feats * light, None, whitening, 1e-4, "joined").input == JOINT  # (asked for: joined)
+    assert fit_space(feats, None, whitening, 1e-4).input == FEATURES  # a sample: nothing to join for
+    feats, kinds = product_range()
+    assert fit_space(feats[kinds == 4], None, _broad_whitening(feats), 1e-4).input == JOINT

@@ -396,7 +396,7 @@ def test_an_unknown_anomaly_space_is_refused_before_anything_is_written(tiny_enc
     out = tmp_path / "idx"
     r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", out, "--anomaly-space", "nonsense",
             "--workers", 0, "--no-progress")
-    assert r.exit_code == 1 and "unknown anomaly space 'nonsense'; known: features, auto, joined" in r.output, r.output
+    assert r.exit_code == 1 and "unknown anomaly space 'nonsense'; known: auto, features, joined" in r.output, r.output
     assert not out.exists()
     # joined for an encoder without a whitening (this one, from 48 images): refused before embedding.
     r = run("index", "--encoder", tiny_encoder, "--source", image_folder, "--out", out, "--anomaly-space", "joined",
