@@ -55,7 +55,7 @@ from simclr.device import pick_device
 from simclr.encoder import ENCODER_FILE, Encoder, embed_images
 from simclr.images import match_channels
 from simclr.knn import topk_neighbours
-from simclr.whitening import can_whiten, fit_whitening
+from simclr.whitening import can_whiten, fit_whitening, min_images
 
 if TYPE_CHECKING:
     from simclr.train import TrainResult
@@ -278,8 +278,13 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         labelled = test_labels != -1
         is_anomaly = test_labels[labelled] != c
         if score == "index":
-            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage,
-                                       index_whitening(enc, gallery, protocol), anomaly_space)
+            whitening = index_whitening(enc, gallery, protocol)
+            if whitening is None and enc.whitened and anomaly_space == "joined":
+                raise RetrievalError(
+                    f"class {name!r}: its {len(gallery)} training images are too few to refit the encoder's whitening "
+                    f"on (at least {min_images(gallery.shape[1])}), as the shared-encoder protocol does for its index; "
+                    "--anomaly-space joined needs that whitening (auto or features score without it)")
+            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage, whitening, anomaly_space)
         else:
             value, space = cosine_auroc(enc, gallery, queries[labelled], is_anomaly, k, refit=protocol == "shared-encoder")
         result.per_class[name], result.spaces[name] = value, space

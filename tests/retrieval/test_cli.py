@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from retrieval.cli import app
@@ -406,3 +407,17 @@ def test_an_unknown_anomaly_space_is_refused_before_anything_is_written(tiny_enc
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tiny_encoder, "--train", image_folder,
             "--test", image_folder, "--anomaly-space", "nonsense")
     assert r.exit_code == 1 and "unknown anomaly space 'nonsense'" in r.output, r.output
+    # shared-encoder refits the encoder's whitening on each class, as an index of it would have
+    # it: with 16 images a class there is none to join, and the refusal says so.
+    from simclr.encoder import Encoder
+
+    whitened = Encoder.load(tiny_encoder)
+    whitened.fit_whitening(torch.randint(0, 256, (600, 3, 16, 16), dtype=torch.uint8,
+                                         generator=torch.Generator().manual_seed(0)))
+    whitened.save(tmp_path / "whitened.pt")
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tmp_path / "whitened.pt", "--train",
+            image_folder, "--test", image_folder, "-k", 3, "--anomaly-space", "joined")
+    assert r.exit_code == 1 and "class 'bars': its 16 training images are too few to refit the encoder's whitening" in r.output, r.output
+    r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tmp_path / "whitened.pt", "--train",
+            image_folder, "--test", image_folder, "-k", 3, "--json")  # (auto: scored without it)
+    assert r.exit_code == 0, r.output
