@@ -131,7 +131,6 @@ def test_training_writes_a_whitened_encoder_and_the_monitor_uses_it(image_folder
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from simclr.data import load_folder
     from simclr.knn import knn_evaluate
-    from simclr.training_data import load_size
     from simclr.encoder import ENCODER_FILE as ENCODER
 
     monkeypatch.setattr(whitening, "MIN_IMAGES_PER_DIM", 0.5)  # 48 images, 64-d features
@@ -139,8 +138,8 @@ def test_training_writes_a_whitened_encoder_and_the_monitor_uses_it(image_folder
     enc = Encoder.load(result.encoder)
     assert enc.whitened
     # The monitor's figure is the saved encoder's: same gallery (all but every tenth image), same
-    # queries, decoded as training decodes them (at the load size).
-    data = load_folder(image_folder, size=load_size(enc.spec.image_size))
+    # queries, decoded as an index decodes them (at the encoder's size, not training's load size).
+    data = load_folder(image_folder, size=enc.spec.image_size)
     feats = embed_images(enc, data.images)
     q = torch.arange(len(data)) % 10 == 0
     r = knn_evaluate(feats[q], data.labels[q], feats[~q], data.labels[~q], len(data.classes), 5, 0.07)
