@@ -63,6 +63,7 @@ class AnomalyInfo:
     input: str = "features"  # what the space maps: "features" (raw), or "features+embedding" (and the search vectors)
     offset: float | None = None  # the gallery's offset from the encoder whitening's centre (retrieval.anomaly)
     reach: float | None = None  # how far the gallery reaches from that centre along its offset (retrieval.anomaly)
+    mode: str | None = None  # the --anomaly-space it was fit with: auto, features or joined
     embedding_space: str | None = None  # features+embedding: the kind of the search vectors' part
     vectors: str = "anomaly_vectors"
     mean: str = "anomaly_mean"

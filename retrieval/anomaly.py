@@ -67,7 +67,7 @@ WHITENED = "gallery-whitened"
 # - and the gallery reaches no farther from that centre, along the direction its mean moved, than
 #   a part of the collection can: a part making up a share p of it has a second moment of at most
 #   1 / p along any direction (the law of total variance), so PART_REACH = 20 admits parts down to
-#   5%. One class of ten reached 4.1-9.1, one line of a range of three 2.0; a line's parts under
+#   5%. One class of ten reached 4.1-8.9, one line of a range of three 1.5; a line's parts under
 #   0.9 times the light its encoder trained under reached 27, at 0.8 times 224: shifted off the
 #   collection rather than a part of it, and there the joined space lost 0.4-1.4 points of defect
 #   AUROC to the raw features' alone.
@@ -94,6 +94,7 @@ class AnomalySpace:
     shrinkage: float | None = None
     fit_count: int = 0
     placement: "Placement | None" = None  # the gallery in the encoder whitening's units, when it has one
+    mode: str | None = None  # the --anomaly-space it was fit with (None: an index built before it was recorded)
     embedding_part: "AnomalySpace | None" = None  # JOINT: the space of the search embedding
 
     @classmethod
@@ -148,6 +149,8 @@ class AnomalySpace:
     def describe(self) -> str:
         what = "raw features beside the search embedding" if self.input == JOINT else "raw features"
         why = "" if self.placement is None else "; " + self.placement.describe()
+        if self.mode in ("features", "joined"):
+            why += f"; the space as --anomaly-space {self.mode} asks"
         if self.kind == PLAIN:
             return (f"mean Euclidean distance on {what} (plain: the {self.fit_count} gallery items were too few "
                     f"to fit a whitening){why}")
@@ -202,6 +205,7 @@ def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: En
     recorded whatever the mode."""
     check_space_mode(mode, whitening is not None)
     space = AnomalySpace.fit(features, shrinkage)
+    space.mode = mode
     if whitening is None:
         return space
     space.placement = place_gallery(features, whitening.mean, whitening.matrix, whitening.count)
@@ -217,7 +221,8 @@ class Placement:
     ``offset``: the squared distance of the gallery's mean from the whitening's centre, over what
     sampling alone would put between them (about 1 or less for a sample of the collection).
     ``reach``: the gallery's mean squared distance from that centre along the direction its mean
-    moved (about 1 for a sample; at most 1 / p for a part making up a share p of the collection).
+    moved, less what sampling alone adds to it (about 1 for a sample; at most 1 / p for a part
+    making up a share p of the collection).
     """
 
     offset: float
@@ -231,22 +236,27 @@ class Placement:
     def describe(self) -> str:
         where = (f"the gallery's mean lies {self.offset:.1f} times as far from the centre of the encoder whitening's "
                  f"collection as sampling alone would put it")
-        if self.reach is not None:
-            where += f", and reaches {self.reach:.1f} of that collection's units along the way"
-        verdict = (f"one part of that collection (an offset from {BROADER_OFFSET:g}, a reach to {PART_REACH:g})"
-                   if self.part else
-                   f"{'a sample of' if self.offset < BROADER_OFFSET else 'shifted off'} that collection "
-                   f"(a part has an offset from {BROADER_OFFSET:g} and a reach to {PART_REACH:g})")
-        return f"{where}: {verdict}"
+        if self.reach is None:
+            return f"{where} (its reach was not recorded: the index was built before it was)"
+        where += f", and reaches {self.reach:.1f} of that collection's units along the way"
+        rule = f"a part has an offset from {BROADER_OFFSET:g} and a reach to {PART_REACH:g}"
+        if self.part:
+            return f"{where}: one part of that collection ({rule})"
+        if self.offset < BROADER_OFFSET:
+            return f"{where}: a sample of that collection ({rule})"
+        return (f"{where}: shifted off that collection ({rule}; or the encoder's whitening was fit on images read "
+                f"otherwise than the index reads them: retrieval whiten refits it)")
 
 
 def place_gallery(features: np.ndarray, mean: np.ndarray, matrix: np.ndarray, fit_count: int,
-                  batch: int = 65536) -> Placement:
+                  batch: int = 8192) -> Placement:
     """Where a gallery's raw features (n, d) lie in the units of the whitening ``(f - mean) @
     matrix`` fit on ``fit_count`` items of a collection (:class:`Placement`): the squared distance
     of the two centres in those units, over the gallery's own variance in those units times
     ``1 / n + 1 / fit_count`` (the offset); and the mean of the items' squared distances from the
-    whitening's centre projected on the direction from it to the gallery's mean (the reach)."""
+    whitening's centre projected on the direction from it to the gallery's mean, less that same
+    variance times ``1 / n + 1 / fit_count`` (the reach: the squared length of the mean's share of
+    sampling noise, which the direction takes in whole, is not the gallery's)."""
     n = features.shape[0]
     chunks = range(0, n, batch)  # (float64 a batch at a time: a large gallery is not copied whole)
     part = lambda s: np.asarray(features[s : s + batch], np.float64)  # noqa: E731
@@ -259,8 +269,9 @@ def place_gallery(features: np.ndarray, mean: np.ndarray, matrix: np.ndarray, fi
         spread += float(np.sum(((f - centre) @ matrix) ** 2))
         reach += float(np.sum(((f - mean) @ along) ** 2))
     spread /= max(n - 1, 1)
-    offset = float(np.sum(shift**2)) / max(spread * (1 / n + 1 / max(fit_count, 1)), 1e-30)
-    return Placement(min(offset, 1e12), min(reach / n, 1e12))  # (finite: they go into JSON)
+    noise = spread * (1 / n + 1 / max(fit_count, 1))
+    offset = float(np.sum(shift**2)) / max(noise, 1e-30)
+    return Placement(min(offset, 1e12), min(max(reach / n - noise, 0.0), 1e12))  # (finite: they go into JSON)
 
 
 def mean_distance(dists: np.ndarray, k: int) -> np.ndarray:
@@ -435,6 +446,7 @@ def stored_space(store: IndexStore) -> AnomalySpace | None:
 
     space = part(info.space, info.mean, info.matrix)
     space.placement = None if info.offset is None else Placement(info.offset, info.reach)
+    space.mode = info.mode
     if info.input == JOINT:
         space.embedding_part = part(info.embedding_space or PLAIN, info.embedding_mean, info.embedding_matrix)
     return space

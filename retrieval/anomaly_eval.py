@@ -258,7 +258,15 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         count = int((train_data.labels == c).sum())
         if count < k + 1:
             raise RetrievalError(f"class {name!r} has {count} training image(s), fewer than k + 1 = {k + 1}")
+        if protocol == "shared-encoder" and score == "index" and anomaly_space == "joined" and shared.whitened \
+                and not can_whiten(count, shared.dim):
+            raise RetrievalError(
+                f"class {name!r}: its {count} training images are too few to refit the encoder's whitening on "
+                f"(at least {min_images(shared.dim)}), as the shared-encoder protocol does for its index; "
+                "--anomaly-space joined needs that whitening (auto or features score without it)")
     if shared is not None:
+        if score == "index":
+            check_space_mode(anomaly_space, shared.whitened)  # (joined without a whitening: before embedding)
         train_feats, test_feats = _features(shared, train_data), _features(shared, test_data)
     for c in chosen:
         name = classes[c]
@@ -278,13 +286,8 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         labelled = test_labels != -1
         is_anomaly = test_labels[labelled] != c
         if score == "index":
-            whitening = index_whitening(enc, gallery, protocol)
-            if whitening is None and enc.whitened and anomaly_space == "joined":
-                raise RetrievalError(
-                    f"class {name!r}: its {len(gallery)} training images are too few to refit the encoder's whitening "
-                    f"on (at least {min_images(gallery.shape[1])}), as the shared-encoder protocol does for its index; "
-                    "--anomaly-space joined needs that whitening (auto or features score without it)")
-            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage, whitening, anomaly_space)
+            value, space = class_auroc(gallery, queries[labelled], is_anomaly, k, shrinkage,
+                                       index_whitening(enc, gallery, protocol), anomaly_space)
         else:
             value, space = cosine_auroc(enc, gallery, queries[labelled], is_anomaly, k, refit=protocol == "shared-encoder")
         result.per_class[name], result.spaces[name] = value, space

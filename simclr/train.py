@@ -461,10 +461,13 @@ class Trainer:
                       "epoch_seconds": epoch_time, "views_per_s": epoch_steps * views_per_step / epoch_time}
             if self.source.skipped:
                 record["skipped_files"] = self.source.skipped
-            # With its whitening, fit once for the save and the monitor.
-            encoder = self.encoder() if dist.is_main() and (save_due or knn_due) else None
+            # With its whitening, fit once for the save and the monitor: on the training images
+            # inside the run (cheap: held or cached), on the files read as an index reads them
+            # at its end (the encoder file the run leaves, and its last kNN figure).
+            last = finished or self.step >= stop_step()
+            encoder = self.encoder(indexed=last) if dist.is_main() and (save_due or knn_due) else None
             if knn_due:
-                knn = self.knn_monitor(encoder)
+                knn = self.knn_monitor(encoder, indexed=last)
                 if knn is not None:
                     knn_top1 = knn[0]
                     record.update(knn_top1=knn[0], knn_top5=knn[1])
@@ -544,9 +547,12 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ outputs
-    def encoder(self) -> Encoder:
+    def encoder(self, indexed: bool = True) -> Encoder:
         """The encoder as it stands (sharing the model's backbone), with its whitening fit on
-        evenly spaced training images unless ``--no-whiten``."""
+        evenly spaced training images unless ``--no-whiten``: read as an index reads them
+        (``indexed``; a folder's files decoded again, at the encoder's size), or as training
+        holds them (at the load size, resized by the encoder: the saves inside a run, which
+        would otherwise decode thousands of files each time)."""
         spec = EncoderSpec(
             arch=self.cfg.arch, stem=self.cfg.stem, width=self.cfg.width, in_channels=self.cfg.in_channels,
             image_size=self.cfg.image_size, feature_dim=self.embed_dim,
@@ -559,7 +565,7 @@ class Trainer:
         enc = Encoder(spec, self.model.backbone).to(self.device)
         if self.whiten:
             sample = evenly_spaced_positions(len(self.source), whitening.fit_sample_size(enc.dim))
-            feats, _ = _features(enc, EvalSet(self.source, sample))
+            feats, _ = _features(enc, EvalSet(self.source, sample), indexed=indexed)
             enc.set_whitening(*whitening.fit_whitening(feats, self.cfg.whiten_shrinkage), count=feats.shape[0])
             self.model.train()
         return enc
@@ -581,14 +587,15 @@ class Trainer:
             (self.encoder() if encoder is None else encoder).save(self.cfg.out_dir / ENCODER_FILE)
         dist.barrier()
 
-    def knn_monitor(self, encoder: Encoder | None = None) -> tuple[float, float] | None:
-        """Weighted kNN top-1/top-5 on the labelled evaluation split (main process only)."""
+    def knn_monitor(self, encoder: Encoder | None = None, indexed: bool = True) -> tuple[float, float] | None:
+        """Weighted kNN top-1/top-5 on the labelled evaluation split (main process only), its
+        images read as ``encoder``'s whitening was fit (:meth:`encoder`)."""
         result = None
         if dist.is_main():
             sets = self._eval_data()
             if sets is not None:
-                enc = self.encoder() if encoder is None else encoder
-                (g_feats, g_labels), (q_feats, q_labels) = (_features(enc, s, embed=True) for s in sets)
+                enc = self.encoder(indexed) if encoder is None else encoder
+                (g_feats, g_labels), (q_feats, q_labels) = (_features(enc, s, embed=True, indexed=indexed) for s in sets)
                 r = knn_evaluate(q_feats, q_labels, g_feats, g_labels, len(sets[0].images.classes),
                                  self.cfg.knn_k, self.cfg.knn_temperature)
                 result = (r.top1, r.top5)
@@ -629,12 +636,15 @@ class EvalSet:
 
 
 @torch.no_grad()
-def _features(enc: Encoder, s: EvalSet, embed: bool = False, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (or, with ``embed``, embeddings) of the images at ``s.positions``, read
-    as an index reads them (:meth:`TrainingImages.as_indexed`), with their labels; unreadable
-    files are left out."""
+def _features(enc: Encoder, s: EvalSet, embed: bool = False, batch_size: int = 512,
+              indexed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (or, with ``embed``, embeddings) of the images at ``s.positions``, with
+    their labels: read as an index reads them (``indexed``: :meth:`TrainingImages.as_indexed`),
+    or as training holds them; unreadable files are left out."""
     feats, labels = [], []
-    for positions, x in s.images.as_indexed(s.positions.split(batch_size), enc.spec.image_size):
+    order = s.positions.split(batch_size)
+    batches = s.images.as_indexed(order, enc.spec.image_size) if indexed else s.images.batches(order)
+    for positions, x in batches:
         f = enc.features(x)
         feats.append(enc.from_features(f) if embed else f)
         labels.append(s.images.labels[positions])

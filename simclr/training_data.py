@@ -15,10 +15,12 @@ gives the same batches whichever kind holds the data.
 A folder's files are decoded the same way on both paths (:func:`simclr.images.read_image`:
 shorter side to the *load size*, a little above the training size, then a centre crop), so
 that the batched random crops of :mod:`simclr.augment` have some margin to work with. What the
-trainer measures on whole images (the whitening it fits at the end, the kNN monitor) reads them
-as an index reads them instead (:meth:`TrainingImages.as_indexed`: decoded straight to the
-encoder's size): decoding at the load size and resizing again gives other pixels, and a
-whitening fit on those is centred away from the vectors an index makes.
+trainer measures on whole images at the end of a run (the whitening of the encoder file it
+leaves, its last kNN figure) reads them as an index reads them instead
+(:meth:`TrainingImages.as_indexed`: decoded straight to the encoder's size): decoding at the
+load size and resizing again gives other pixels, and a whitening fit on those is centred away
+from the vectors an index makes. (The saves inside a run use the images as held, which cost no
+decoding.)
 """
 
 from __future__ import annotations

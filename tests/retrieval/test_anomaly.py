@@ -211,6 +211,12 @@ def test_one_kind_of_a_product_range_is_scored_with_the_embedding_the_range_whit
     np.testing.assert_array_equal(space.matrix, AnomalySpace.fit(gallery, 1e-4).matrix)
     alone = fit_space(gallery, None, whitening, 1e-4, "features")
     assert alone.input == "features" and alone.embedding_part is None and alone.placement == space.placement
+    assert "one part of that collection" in alone.describe() and "as --anomaly-space features asks" in alone.describe()
+    # An index built before the reach was recorded says so, and gives no verdict.
+    from retrieval.anomaly import Placement
+
+    old = Placement(space.placement.offset, None)
+    assert not old.part and old.describe().endswith("(its reach was not recorded: the index was built before it was)")
 
 
 def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features() -> None:
@@ -229,14 +235,15 @@ def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features()
     # place_gallery against a naive reference. The offset: the squared distance of the two
     # centres in the whitening's units, over the gallery's own variance in them times
     # (1/n + 1/count). The reach: the items' mean squared distance from the whitening's centre
-    # along the direction to the gallery's centre, in those units.
+    # along the direction to the gallery's centre, in those units, less that same noise.
     feats, kinds = product_range()
     whitening = _broad_whitening(feats)
     g = feats[kinds == 2].astype(np.float64)
     w = (g - whitening.mean) @ whitening.matrix
     centred = w - w.mean(0)
-    offset = np.sum(w.mean(0) ** 2) / ((centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats)))
-    reach = np.mean((w @ (w.mean(0) / np.linalg.norm(w.mean(0)))) ** 2)
+    noise = (centred**2).sum() / (len(g) - 1) * (1 / len(g) + 1 / len(feats))
+    offset = np.sum(w.mean(0) ** 2) / noise
+    reach = np.mean((w @ (w.mean(0) / np.linalg.norm(w.mean(0)))) ** 2) - noise
     placed = place_gallery(g, whitening.mean, whitening.matrix, len(feats), batch=100)
     assert (placed.offset, placed.reach) == (pytest.approx(offset, rel=1e-6), pytest.approx(reach, rel=1e-6))
     # A part making up a share p of the collection reaches at most 1 / p (here 1 / 6).

@@ -211,7 +211,7 @@ def test_an_index_of_one_kind_of_the_encoders_range_scores_in_the_search_embeddi
                             anomaly_space="auto"))
     store = IndexStore.load(out)
     info = store.manifest.anomaly
-    assert info.input == JOINT and info.offset > 3 and info.reach <= 3 and info.embedding_space is not None, info
+    assert info.input == JOINT and info.offset > 3 and info.reach <= 3 and info.mode == "auto" and info.embedding_space is not None, info
     words = describe_folder(out).anomaly
     assert "beside the search embedding" in words and "one part of that collection" in words, words
     service = Service.open(out, device="cpu")

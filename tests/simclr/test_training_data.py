@@ -290,3 +290,17 @@ def test_the_trainers_whitening_is_fit_on_images_read_as_the_index_reads_them(tm
     torch.testing.assert_close(enc.white_matrix, matrix, rtol=1e-3, atol=1e-4)
     # (the training images, resized by the encoder, give another centre: the test can tell)
     assert (features(load_size(16)).mean(0) - mean).abs().max() > 100 * 1e-5
+
+
+def test_only_the_runs_last_save_decodes_the_files_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saves inside a run fit their whitening on the images as training holds them (no
+    decoding); the last one reads the files as the index does (the test above)."""
+    import simclr.training_data as training_data
+    from tests.helpers import make_folder
+
+    folder = make_folder(tmp_path / "images", per_class=170, size=24)
+    passes = []
+    decoded_at = training_data.decoded_at
+    monkeypatch.setattr(training_data, "decoded_at", lambda *a: passes.append(1) or decoded_at(*a))
+    train(_cfg(folder, tmp_path / "run", loader="memory", batch_size=64, epochs=3, save_minutes=0))
+    assert len(passes) == 1
