@@ -177,7 +177,8 @@ def decoded_at(paths: np.ndarray, order: Sequence[torch.Tensor], size: int,
         except ImageReadError:
             return None
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(min(8, cpus)) as pool:
         for row in order:
             rows = row.tolist()
             kept = [(i, x) for i, x in zip(rows, pool.map(read, rows)) if x is not None]
