@@ -153,7 +153,7 @@ def _fit_anomaly_space(store: IndexStore, features: np.ndarray, vectors: np.ndar
     space = fit_space(features, vectors, whitening, shrinkage, mode)
     part, placed = space.embedding_part, space.placement
     info = AnomalyInfo(space=space.kind, fit_count=space.fit_count, shrinkage=space.shrinkage, input=space.input,
-                       offset=placed.offset if placed else None, reach=placed.reach if placed else None, mode=mode,
+                       offset=placed.offset if placed else None, reach=placed.reach if placed else None, mode=space.mode,
                        embedding_space=part.kind if part is not None else None)
     store.arrays[info.vectors] = space.map(features, vectors).astype(np.float16)
     if space.kind == WHITENED:

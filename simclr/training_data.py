@@ -64,8 +64,13 @@ def memory_budget_bytes(gb: float | None) -> int:
 def default_workers(device: torch.device) -> int:
     """DataLoader workers for streaming: on a CPU they compete with the model for cores, so
     one per two cores; on a GPU, up to 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return min(8, cpus) if device.type == "cuda" else max(1, min(8, cpus // 2))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def evenly_spaced_positions(n: int, count: int) -> torch.Tensor:
@@ -81,6 +86,7 @@ class TrainingImages:
     source: str
     channels: int
     skipped: int  # files that could not be read (found so far, when streaming)
+    files: np.ndarray | None = None  # a folder's files, one per position (None: a data set)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -103,7 +109,9 @@ class TrainingImages:
         folder's files decoded straight to ``size`` (:func:`simclr.images.read_image`, as
         ``retrieval index`` does), not to the load size; a data set's images as held (the
         encoder resizes them itself). Unreadable files are left out."""
-        return self.batches(order)
+        if self.files is None:
+            return self.batches(order)
+        return decoded_at(self.files, order, size, self.channels)
 
     def close(self) -> None:
         """Release what the images kept on disk for the run (called when it is over)."""
@@ -122,11 +130,6 @@ class InMemoryImages(TrainingImages):
         self.labels, self.classes, self.source = data.labels, data.classes, data.source
         self.channels, self.skipped = channels, data.skipped
         self.files = None if files is None else np.array([os.fsencode(p) for p in files])
-
-    def as_indexed(self, order: Sequence[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.files is None:
-            return self.batches(order)
-        return decoded_at(self.files, order, size, self.channels)
 
     def place(self, device: torch.device) -> None:
         """Keep the images on the GPU when they take less than a quarter of its free memory
@@ -177,8 +180,7 @@ def decoded_at(paths: np.ndarray, order: Sequence[torch.Tensor], size: int,
         except ImageReadError:
             return None
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ThreadPoolExecutor(min(8, cpus)) as pool:
+    with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
         for row in order:
             rows = row.tolist()
             kept = [(i, x) for i, x in zip(rows, pool.map(read, rows)) if x is not None]
@@ -215,7 +217,7 @@ class StreamedImages(TrainingImages):
                  cache: DecodedCache | None = None):
         # One byte array, not a list of Path objects: workers forked from this process share
         # it without touching reference counts (which would copy the pages).
-        self.paths = np.array([os.fsencode(p) for p in listing.paths])
+        self.files = np.array([os.fsencode(p) for p in listing.paths])
         self.labels = torch.tensor(listing.labels, dtype=torch.int64)
         self.classes, self.source = listing.classes, str(listing.root)
         self.size, self.channels, self.workers, self.pin_memory = size, channels, workers, pin_memory
@@ -232,7 +234,7 @@ class StreamedImages(TrainingImages):
 
     def _new_loader(self, sampler: Iterable[list[int]], persistent: bool) -> DataLoader:
         return DataLoader(
-            _Decode(self.paths, self.size, self.channels, self.cache), batch_sampler=sampler,
+            _Decode(self.files, self.size, self.channels, self.cache), batch_sampler=sampler,
             num_workers=self.workers, collate_fn=_collate, pin_memory=self.pin_memory,
             prefetch_factor=4 if self.workers else None, worker_init_fn=_one_thread if self.workers else None,
             persistent_workers=persistent and self.workers > 0,
@@ -263,9 +265,6 @@ class StreamedImages(TrainingImages):
         finally:
             if not nested:
                 self._passing = False
-
-    def as_indexed(self, order: Sequence[torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return decoded_at(self.paths, order, size, self.channels)
 
     def close(self) -> None:
         self._loader = None  # (stops the workers)

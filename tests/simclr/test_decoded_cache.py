@@ -75,7 +75,7 @@ def test_workers_write_records_that_the_trainer_reads_back(image_folder: Path, t
     _assert_same(_all(streamed, _order()), memory)
     cache = streamed.cache
     side = load_size(SIZE)
-    for position, path in enumerate(streamed.paths):
+    for position, path in enumerate(streamed.files):
         kept = cache.get(position, file_key(path))
         assert kept is not None and torch.equal(kept, read_image(os.fsdecode(path), side))
     _assert_same(_all(streamed, _order(seed=4)), _all(open_training_images(
@@ -87,7 +87,7 @@ def test_an_image_file_changed_since_it_was_kept_is_decoded_again(image_folder: 
     streamed = _open(folder, tmp_path / "decoded.bin")
     _all(streamed, _order())
     position = 5
-    path = os.fsdecode(streamed.paths[position])
+    path = os.fsdecode(streamed.files[position])
     before = read_image(path, load_size(SIZE))
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(path)
     stat = os.stat(path)
@@ -109,7 +109,7 @@ def test_a_damaged_record_is_decoded_again(image_folder: Path, tmp_path: Path, d
         value = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([value ^ 0xFF]))
-    assert streamed.cache.get(7, file_key(streamed.paths[7])) is None
+    assert streamed.cache.get(7, file_key(streamed.files[7])) is None
     decoder.calls = 0
     _assert_same(_all(streamed, _order()), want)
     assert decoder.calls == 1
