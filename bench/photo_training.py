@@ -95,7 +95,7 @@ def main() -> None:
     if len(first) < n * args.rounds:
         raise SystemExit(f"{len(source)} photos are too few for {args.rounds} rounds of {n} first-epoch batches")
     held = torch.stack([x for _, x in source.batches(later, fill=True)])  # (kept in the file, too)
-    paths = [p.decode() for p in source.paths]
+    paths = [p.decode() for p in source.files]
     loader = DataLoader(TwoViews(paths, size, source.size, trainer.mean, trainer.std), batch_size=b, shuffle=True,
                         num_workers=source.workers, drop_last=True, prefetch_factor=4 if source.workers else None)
     live: dict[str, object] = {}
