@@ -148,11 +148,21 @@ def build(
 
 
 def new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty index of ``factory``, without the polysemous codebook ordering FAISS's factory
+    asks of product quantisers: it serves Hamming-filtered search, which nothing here uses, and
+    took nine tenths of a PQ index's training (BENCHMARKS.md, "Search")."""
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         reason = last_line(exc, "invalid")
         raise IndexStoreError(f"invalid FAISS factory string {factory!r} for dimension {dim} ({reason})") from None
+    part = faiss.downcast_index(index)
+    while part is not None:
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+        inner = getattr(part, "base_index", None) or getattr(part, "index", None)
+        part = faiss.downcast_index(inner) if isinstance(inner, faiss.Index) else None
+    return index
 
 
 def _min_train(index: faiss.Index) -> int:

@@ -66,6 +66,22 @@ def test_approximate_indexes_reach_recall(factory: str) -> None:
     assert recall_at(ids, ref) >= 0.9
 
 
+def test_product_quantisers_skip_the_polysemous_ordering_and_answer_as_faiss_factory_does() -> None:
+    # The polysemous training only permutes each codebook (for Hamming-filtered search): the
+    # answers must be those of FAISS's own factory index, to the last bit.
+    rng = np.random.default_rng(0)
+    base, queries = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(50, 8)).astype(np.float32)
+    ours = ann.new_index(8, "IVF4,PQ2,RFlat")
+    assert not ann.faiss.downcast_index(ann.faiss.downcast_index(ours).base_index).do_polysemous_training
+    theirs = ann.faiss.index_factory(8, "IVF4,PQ2,RFlat", ann.faiss.METRIC_INNER_PRODUCT)
+    for index in (ours, theirs):
+        index.train(base)
+        index.add(base)
+        ann.set_search_params(index, nprobe=4)
+    for got, want in zip(ours.search(queries, 10), theirs.search(queries, 10)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_search_params_change_ivf_breadth() -> None:
     base = clustered(4000, 16, 4)
     index, _ = ann.build(base, "IVF32,Flat")
