@@ -58,6 +58,7 @@ from simclr.knn import topk_neighbours
 from simclr.whitening import can_whiten, fit_whitening, min_images
 
 if TYPE_CHECKING:
+    from simclr.config import TrainConfig
     from simclr.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,11 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         from simclr.config import TrainConfig
 
         # A wrong budget or recipe is told before any data loads.
-        TrainConfig.from_dict({**(train_options or {}), "epochs": epochs, "minutes": minutes}).validate()
+        recipe = TrainConfig.from_dict({**(train_options or {}), "data": train, "epochs": epochs, "minutes": minutes})
+        recipe.validate()
+        if score == "index" and anomaly_space == "joined" and not recipe.whiten:
+            raise RetrievalError("--anomaly-space joined needs per-class encoders with a whitening (their search "
+                                 "embedding is what joins the space); the recipe asks for none (--no-whiten)")
     elif encoder is None:
         raise RetrievalError(f"the {protocol} protocol needs --encoder (one encoder trained on the whole collection)")
     elif train_options:
@@ -253,11 +258,18 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
     if unknown:
         raise RetrievalError(f"no class {', '.join(map(repr, unknown))} in {train}; known: {', '.join(classes)}")
     chosen = [c for c, name in enumerate(classes) if not only or name in only]
+    joined_strict = protocol == "strict" and score == "index" and anomaly_space == "joined"
+    strict_dim = _strict_dim(recipe, dev) if joined_strict else None
     for c in chosen:
         name = classes[c]
         count = int((train_data.labels == c).sum())
         if count < k + 1:
             raise RetrievalError(f"class {name!r} has {count} training image(s), fewer than k + 1 = {k + 1}")
+        if strict_dim is not None and not can_whiten(count, strict_dim):
+            raise RetrievalError(
+                f"class {name!r}: its {count} training images are too few to fit the whitening of its encoder "
+                f"(at least {min_images(strict_dim)}), which --anomaly-space joined needs "
+                "(auto or features score without it)")
         if protocol == "shared-encoder" and score == "index" and anomaly_space == "joined" and shared.whitened \
                 and not can_whiten(count, shared.dim):
             raise RetrievalError(
@@ -294,6 +306,16 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
         result.seconds[name] = time.perf_counter() - start
         log.info("%s: AUROC %.4f (%.0f s)", name, value, result.seconds[name])
     return result
+
+
+def _strict_dim(recipe: "TrainConfig", device: torch.device) -> int:
+    """The length of the features the strict protocol's per-class encoders embed to under
+    ``recipe`` on ``device`` (what their whitening is fit on), known before any trains."""
+    from simclr.models import build_backbone
+    from simclr.pooling import pooled_dim
+
+    cfg = recipe.resolve(device)
+    return pooled_dim(build_backbone(cfg.arch, 1, cfg.stem, cfg.width), cfg.pooling)
 
 
 def _subset(data: ImageData, mask: np.ndarray) -> ImageData:

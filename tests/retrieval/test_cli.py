@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from retrieval.cli import app
+from retrieval.errors import RetrievalError
 
 runner = CliRunner()
 
@@ -421,3 +422,16 @@ def test_an_unknown_anomaly_space_is_refused_before_anything_is_written(tiny_enc
     r = run("anomaly-eval", "--protocol", "shared-encoder", "--encoder", tmp_path / "whitened.pt", "--train",
             image_folder, "--test", image_folder, "-k", 3, "--json")  # (auto: scored without it)
     assert r.exit_code == 0, r.output
+    # strict trains an encoder per class: a joined space its encoders cannot have is refused
+    # before the first one trains (16 images a class, or a recipe without a whitening).
+    work = tmp_path / "strict"
+    r = run("anomaly-eval", "--protocol", "strict", "--work", work, "--train", image_folder, "--test", image_folder,
+            "-k", 3, "--epochs", 1, "--anomaly-space", "joined", "--device", "cpu")
+    assert r.exit_code == 1 and "class 'bars': its 16 training images are too few to fit the whitening of its encoder" \
+        in r.output, r.output
+    from retrieval.anomaly_eval import evaluate_protocol
+
+    with pytest.raises(RetrievalError, match=r"the recipe asks for none \(--no-whiten\)"):
+        evaluate_protocol("strict", str(image_folder), str(image_folder), work=work, k=3, epochs=1, device="cpu",
+                          train_options={"whiten": False}, anomaly_space="joined")
+    assert not work.exists() or not any(work.iterdir())
