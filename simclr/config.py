@@ -21,9 +21,9 @@ from simclr.whitening import DEFAULT_SHRINKAGE
 
 # Fields that may change when a run is resumed: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery", "progress",
-     "whiten", "whiten_shrinkage", "pooling", "flip_average", "loader", "memory_budget_gb", "loader_workers",
-     "decoded_cache_gb", "save_minutes"}
+    {"out", "device", "compile", "log_every", "knn_every", "knn_k", "knn_temperature", "knn_max_gallery",
+     "knn_max_queries", "progress", "whiten", "whiten_shrinkage", "pooling", "flip_average", "loader",
+     "memory_budget_gb", "loader_workers", "decoded_cache_gb", "save_minutes"}
 )
 # Crops from this share of the image up keep a centred subject whole: what photos of one thing
 # held steady need to leave chance level (BENCHMARKS.md, "One kind of thing held steady").
@@ -164,7 +164,11 @@ class TrainConfig:
     knn_every: int | None = None
     knn_k: int = KNN_K
     knn_temperature: float = KNN_TEMPERATURE
+    # The kNN monitor's gallery and queries, evenly spaced over the held-out split (the same items
+    # every time) and no more than these many: a large folder's every tenth image would cost
+    # each evaluation more than the training it monitors.
     knn_max_gallery: int = 60000
+    knn_max_queries: int = 10000
     log_every: int = 20
     # An epoch's end writes the checkpoint and encoder file (and fits the whitening for it) when
     # this many minutes have passed since the last write; the run's end always writes. 0: every
@@ -239,6 +243,9 @@ class TrainConfig:
         need(self.whiten_shrinkage > 0, f"whitening shrinkage must be positive, got {self.whiten_shrinkage}")
         need(self.knn_k >= 1, f"knn k must be >= 1, got {self.knn_k}")
         need(self.knn_temperature > 0, f"knn temperature must be positive, got {self.knn_temperature}")
+        need(self.knn_max_gallery >= 1 and self.knn_max_queries >= 1,
+             f"the kNN monitor needs at least one gallery image and one query, got {self.knn_max_gallery} and "
+             f"{self.knn_max_queries}")
         need(self.log_every >= 1, f"log-every must be >= 1, got {self.log_every}")
         need(self.save_minutes >= 0, f"save-minutes must be >= 0, got {self.save_minutes}")
         need(self.knn_every is None or self.knn_every >= 0, f"knn-every must be >= 0, got {self.knn_every}")

@@ -623,7 +623,8 @@ class Trainer:
             g_pos, q_pos = (~is_query).nonzero().squeeze(1), is_query.nonzero().squeeze(1)
         else:
             return None
-        self._eval_sets = (EvalSet(gallery, g_pos[: cfg.knn_max_gallery]), EvalSet(queries, q_pos))
+        self._eval_sets = (EvalSet(gallery, whitening.evenly_spaced(g_pos, cfg.knn_max_gallery)),
+                           EvalSet(queries, whitening.evenly_spaced(q_pos, cfg.knn_max_queries)))
         return self._eval_sets
 
 

@@ -374,3 +374,16 @@ def test_an_encoder_file_of_another_network_is_refused_naming_both(
         f"--init {tiny_encoder}: an encoder of resnet18, stem small, width 8, but this run builds resnet18, "
         f"stem {built['stem']}, width {built['width']} (pass --arch resnet18 --stem small --width 8)")
     assert option in str(err.value) and not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_the_knn_monitor_takes_evenly_spaced_capped_sets(image_folder: Path, tmp_path: Path) -> None:
+    # The folder's images come class by class: a gallery of its first items would hold one class.
+    trainer = Trainer(_cfg(image_folder, tmp_path, knn_max_gallery=6, knn_max_queries=3))
+    (gallery, queries) = trainer._eval_data()
+    labels = trainer.source.labels
+    assert len(gallery.positions) == 6 and len(queries.positions) == 3
+    assert set(labels[gallery.positions].tolist()) == set(labels.tolist())  # every class, not the first one alone
+    assert not set(gallery.positions.tolist()) & set(queries.positions.tolist())
+    # Uncapped, every tenth image is a query and the rest the gallery.
+    (gallery, queries) = Trainer(_cfg(image_folder, tmp_path / "all"))._eval_data()
+    assert queries.positions.tolist() == list(range(0, 48, 10)) and len(gallery.positions) == 48 - 5
