@@ -45,11 +45,19 @@ if [[ -f "$stamp" ]] && grep -qxF -- "$digest" "$stamp"; then
   say "$VENV is up to date"
 else
   say "installing Python packages into $VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # uv installs the same packages in a third of pip's time (PyTorch's wheels are large); pip does
+  # it where uv cannot be had or cannot reach an index (pip's own configuration is pip's alone).
+  install() {
+    # shellcheck disable=SC2086
+    "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" "$@" 2>/dev/null \
+      || "$VENV/bin/python" -m pip install -q "$@"
+  }
+  "$VENV/bin/python" -m pip install -q uv 2>/dev/null || say "no uv: installing with pip"
+  [[ -x "$VENV/bin/uv" ]] || "$VENV/bin/python" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+  install $TORCH_SPEC
   # setuptools' default editable mode: the four packages import from this checkout, and nothing
   # else in it (tests/, bench/, app.py) lands on sys.path by accident.
-  "$VENV/bin/python" -m pip install -q -e ".$extras"
+  install -e ".$extras"
   echo "$digest" >> "$stamp"
 fi
