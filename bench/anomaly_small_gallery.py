@@ -37,7 +37,7 @@ from small_gallery import features, unwhitened  # noqa: E402
 from retrieval.anomaly import DEFAULT_K, DEFAULT_SHRINKAGE, MIN_ITEMS_PER_DIM, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
-from simclr.training_data import evenly_spaced_positions  # noqa: E402
+from simclr.whitening import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
 
 

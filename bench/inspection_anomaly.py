@@ -36,7 +36,7 @@ from small_gallery import features  # noqa: E402
 
 from retrieval.anomaly import DEFAULT_SHRINKAGE, AnomalySpace, auroc  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
-from simclr.training_data import evenly_spaced_positions  # noqa: E402
+from simclr.whitening import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import fit_whitening  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from anomaly_layers import one_encoder  # noqa: E402
 from simclr.data import load_folder  # noqa: E402
 from simclr.encoder import Encoder  # noqa: E402
 from simclr.knn import knn_evaluate  # noqa: E402
-from simclr.training_data import evenly_spaced_positions  # noqa: E402
+from simclr.whitening import evenly_spaced_positions  # noqa: E402
 from simclr.whitening import can_whiten, fit_whitening  # noqa: E402
 
 

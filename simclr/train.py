@@ -40,7 +40,6 @@ from simclr.training_data import (
     Loading,
     StreamedImages,
     TrainingImages,
-    evenly_spaced_positions,
     open_training_images,
 )
 
@@ -564,7 +563,7 @@ class Trainer:
         )
         enc = Encoder(spec, self.model.backbone).to(self.device)
         if self.whiten:
-            sample = evenly_spaced_positions(len(self.source), whitening.fit_sample_size(enc.dim))
+            sample = whitening.evenly_spaced_positions(len(self.source), whitening.fit_sample_size(enc.dim))
             feats, _ = _features(enc, EvalSet(self.source, sample), indexed=indexed)
             enc.set_whitening(*whitening.fit_whitening(feats, self.cfg.whiten_shrinkage), count=feats.shape[0])
             self.model.train()

@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.threads import usable_cpus
 from simclr.data import FolderListing, ImageData, decode_listing, load_images, parse_source, scan_folder
 from simclr.decoded_cache import MAX_SHARE, DecodedCache, default_budget_bytes, file_key, free_bytes
 from simclr.errors import SimCLRError
 from simclr.images import ImageReadError, match_channels, read_image
+from simclr.whitening import evenly_spaced_positions
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +68,6 @@ def default_workers(device: torch.device) -> int:
     one per two cores; on a GPU, up to 8."""
     cpus = usable_cpus()
     return min(8, cpus) if device.type == "cuda" else max(1, min(8, cpus // 2))
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def evenly_spaced_positions(n: int, count: int) -> torch.Tensor:
-    """Up to ``count`` of the positions 0..n-1, evenly spaced (the same ones every time)."""
-    return torch.arange(0, n, max(1, n // max(1, count)))[:count]
 
 
 class TrainingImages:

@@ -56,9 +56,17 @@ def fit_sample_size(dim: int) -> int:
     return max(FIT_IMAGES, MIN_IMAGES_PER_DIM * dim)
 
 
+def evenly_spaced_positions(n: int, count: int) -> torch.Tensor:
+    """Up to ``count`` of the positions 0..n-1, spread evenly over all of them (the same ones every
+    time): position ``floor(i n / count)`` for the i-th. (A whole step, ``n // count``, would take
+    the first ``count`` alone for n under ``2 count``: one class of a folder read class by class.)"""
+    count = max(0, min(n, count))
+    return torch.arange(count, dtype=torch.int64) * n // max(count, 1)
+
+
 def evenly_spaced(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """Up to ``count`` rows of ``rows``, evenly spaced (the same rows every time)."""
-    return rows[:: max(1, rows.shape[0] // count)][:count]
+    """Up to ``count`` rows of ``rows``, spread evenly over them (:func:`evenly_spaced_positions`)."""
+    return rows[evenly_spaced_positions(rows.shape[0], count)]
 
 
 def fit_whitening(features: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE,

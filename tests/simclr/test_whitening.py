@@ -92,6 +92,17 @@ def test_the_default_sample_is_always_large_enough(dim: int) -> None:
     assert whitening.evenly_spaced(torch.arange(3 * n), n).tolist() == list(range(0, 3 * n, 3))
 
 
+@pytest.mark.parametrize("n, count", [(15, 10), (19, 10), (29, 10), (10, 10), (7, 10), (1, 3), (0, 5), (100, 1)])
+def test_evenly_spaced_rows_reach_across_the_whole_collection(n: int, count: int) -> None:
+    # A folder read class by class: the rows must come from every part of it, not its start.
+    got = whitening.evenly_spaced_positions(n, count).tolist()
+    naive = sorted({int(i * n / count) for i in range(count)} if n > count else set(range(n)))
+    assert got == naive and len(got) == min(n, count)
+    if n > count:  # the last pick lies in the last n / count rows
+        assert got[-1] >= n - n / count - 1
+    assert whitening.evenly_spaced(torch.arange(n) * 2, count).tolist() == [2 * p for p in got]
+
+
 def _whitened_encoder(tiny_encoder: Path) -> Encoder:
     enc = Encoder.load(tiny_encoder)
     enc.set_whitening(None, None)
