@@ -202,14 +202,20 @@ def fit_space(features: np.ndarray, embeddings: np.ndarray | None, whitening: En
     ``mode`` ``joined``, or ``auto`` where the gallery is one part of the collection the
     encoder's whitening was fit on (:attr:`Placement.part`); ``embeddings`` ``None``: made from
     the features with ``whitening``, as the encoder makes them. The gallery's placement is
-    recorded whatever the mode."""
+    recorded whatever the mode, where the gallery has the items to whiten its own space: fewer
+    cannot tell its spread, on which the placement's sampling noise rests (one item has none)."""
     check_space_mode(mode, whitening is not None)
+    for start in range(0, features.shape[0], 65536):  # (a batch at a time: a large gallery is not copied whole)
+        if not np.isfinite(features[start : start + 65536]).all():
+            raise RetrievalError("the encoder gave NaN or infinite features for the gallery: its weights are "
+                                 "broken (a diverged run?); train it again or take an earlier encoder file")
     space = AnomalySpace.fit(features, shrinkage)
     space.mode = mode
     if whitening is None:
         return space
-    space.placement = place_gallery(features, whitening.mean, whitening.matrix, whitening.count)
-    if mode == "joined" or (mode == "auto" and space.placement.part):
+    if space.kind == WHITENED:
+        space.placement = place_gallery(features, whitening.mean, whitening.matrix, whitening.count)
+    if mode == "joined" or (mode == "auto" and space.placement is not None and space.placement.part):
         space.embedding_part = AnomalySpace.fit(whitening.embed(features) if embeddings is None else embeddings, shrinkage)
     return space
 

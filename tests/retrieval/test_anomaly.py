@@ -223,7 +223,7 @@ def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features()
     """Where the gallery is what the encoder's whitening was fit on (or a sample of it: a
     one-kind collection, or the whole range), the space is the one fit on raw features, as
     before; its offset from the whitening's centre is what sampling gives (about 1)."""
-    from retrieval.anomaly import FEATURES, AnomalySpace, fit_space, place_gallery
+    from retrieval.anomaly import FEATURES, JOINT, AnomalySpace, fit_space, place_gallery
 
     for feats in (one_kind(n=3000)[0], product_range()[0]):
         whitening = _broad_whitening(feats)
@@ -255,6 +255,18 @@ def test_a_gallery_sampled_from_the_encoders_own_collection_keeps_raw_features()
         fit_space(g, None, None, mode="joined")
     with pytest.raises(RetrievalError, match="unknown anomaly space 'nonsense'; known: auto, features, joined"):
         fit_space(g, None, whitening, mode="nonsense")
+    broken = g.copy()
+    broken[5, 3] = np.nan
+    with pytest.raises(RetrievalError, match="the encoder gave NaN or infinite features for the gallery"):
+        fit_space(broken, None, whitening)
+    # A gallery too small to whiten its own space cannot tell its own spread, on which the
+    # offset's sampling noise rests (one item has none: its offset was 1e12, "shifted off"):
+    # no placement, no verdict, raw features; "joined" still joins where asked.
+    for few in (g[:1], g[:3]):
+        space = fit_space(few, None, whitening, 1e-4, "auto")
+        assert space.kind == "plain" and space.placement is None and space.input == FEATURES
+        assert "collection" not in space.describe() and "too few to fit a whitening" in space.describe()
+        assert fit_space(few, None, whitening, 1e-4, "joined").input == JOINT
 
 
 def test_a_gallery_shifted_off_the_encoders_collection_keeps_raw_features() -> None:
