@@ -156,12 +156,15 @@ def new_index(dim: int, factory: str) -> faiss.Index:
     except RuntimeError as exc:
         reason = last_line(exc, "invalid")
         raise IndexStoreError(f"invalid FAISS factory string {factory!r} for dimension {dim} ({reason})") from None
-    part = faiss.downcast_index(index)
-    while part is not None:
+    parts = [faiss.downcast_index(index)]
+    while parts:  # the index and every index inside it (pre-transform, refine, graph storage, coarse quantiser)
+        part = parts.pop()
         if hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = False
-        inner = getattr(part, "base_index", None) or getattr(part, "index", None)
-        part = faiss.downcast_index(inner) if isinstance(inner, faiss.Index) else None
+        for name in ("index", "base_index", "refine_index", "storage", "quantizer"):
+            inner = getattr(part, name, None)
+            if isinstance(inner, faiss.Index):
+                parts.append(faiss.downcast_index(inner))
     return index
 
 

@@ -80,6 +80,17 @@ def test_product_quantisers_skip_the_polysemous_ordering_and_answer_as_faiss_fac
         ann.set_search_params(index, nprobe=4)
     for got, want in zip(ours.search(queries, 10), theirs.search(queries, 10)):
         np.testing.assert_array_equal(got, want)
+    # Quantisers nested anywhere: under a refine stage, as a graph's storage, as the coarse quantiser.
+    faiss = ann.faiss
+    for factory in ("PCA16,IVF64,PQ8,Refine(PQ16)", "HNSW8_PQ8", "IVF64(PQ4),PQ8", "OPQ8,IVF64,PQ8,RFlat"):
+        index = ann.new_index(32, factory)  # (held: the parts below are views into it)
+        seen, parts = [], [faiss.downcast_index(index)]
+        while parts:
+            part = parts.pop()
+            seen += [part.do_polysemous_training] if hasattr(part, "do_polysemous_training") else []
+            parts += [faiss.downcast_index(getattr(part, name)) for name in ("index", "base_index", "refine_index",
+                      "storage", "quantizer") if isinstance(getattr(part, name, None), faiss.Index)]
+        assert seen and not any(seen), factory
 
 
 def test_search_params_change_ivf_breadth() -> None:
