@@ -16,6 +16,12 @@ import os
 log = logging.getLogger(__name__)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity: a container's or ``taskset``'s share,
+    where ``os.cpu_count`` counts the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def single_thread_numpy_blas() -> bool:
     """Limit NumPy's own BLAS to one thread in this process (no other library's); True when
     one was found. Does nothing where threadpoolctl is missing."""

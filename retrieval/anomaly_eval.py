@@ -206,7 +206,8 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
 
     Raises:
         RetrievalError: an unknown protocol, a missing option, ``train_options`` for a protocol that
-            trains nothing, or a class with fewer images than k.
+            trains nothing, a class with fewer than k + 1 images, or ``anomaly_space`` ``joined``
+            where an encoder would have no whitening to join (all before any class trains).
         SimCLRError: a ``strict`` budget or recipe that training refuses (both ``epochs`` and
             ``minutes``, a value out of range, an unknown option), or a run in ``work`` trained
             with another value of an option given here.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.threads import usable_cpus
 from index import Items
 from retrieval.pixel_match import THUMB, thumbnail, thumbnails_of
 from simclr.data import parse_source, scan_folder, load_images
@@ -162,7 +163,7 @@ def _embed_tensor(encoder, coll, positions, batch_size, skip, bar) -> Embedded: 
 def _embed_files(encoder, coll, positions, batch_size, workers, skip, bar) -> Embedded:  # noqa: ANN001
     paths = [coll.paths[p] for p in positions]
     dataset = _Files(paths, encoder.spec.image_size, encoder.spec.in_channels, skip)
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    workers = min(usable_cpus(), 8) if workers is None else workers
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         pin_memory=encoder.device.type == "cuda", persistent_workers=False,

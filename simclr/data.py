@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.errors import first_line
+from common.threads import usable_cpus
 from simclr.errors import SimCLRError
 from simclr.images import ImageReadError, is_image_path, read_image
 
@@ -292,7 +293,7 @@ def load_folder(root: Path, size: int = 32, channels: int = 3, workers: int | No
 def decode_listing(listing: FolderListing, size: int = 32, channels: int = 3, workers: int | None = None) -> ImageData:
     """Decode the files of ``listing`` into memory at ``size``; unreadable ones are skipped and counted."""
     root = listing.root
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
 
     # Decoded straight into one preallocated tensor: no second copy at the end.
     images = torch.empty((len(listing.paths), channels, size, size), dtype=torch.uint8)
