@@ -44,7 +44,7 @@ class CalibrationInfo:
     k: int
     percentile: float
     count: int
-    threshold: float
+    threshold: float | None  # None: no gallery scores (fewer than 2 items; manifests before 2026-12-07 wrote Infinity)
     method: str = "leave-one-out"
     array: str = "calibration"
     metric: str = "cosine"  # "cosine" on the search vectors (format 1), or "euclidean" in the anomaly space

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.answers import AnomalyScore
 from retrieval.errors import RetrievalError
 
 if TYPE_CHECKING:  # FAISS is imported only where an index is used
@@ -336,9 +337,23 @@ class Calibration:
 
     @property
     def threshold(self) -> float:
+        """The score above which a query is unusual (+inf, so none is, where nothing was calibrated)."""
         if self.scores.size == 0:
             return float("inf")
         return float(np.percentile(self.scores, self.percentile))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether there are gallery scores to give percentiles and verdicts (a gallery of 2 items or more)."""
+        return self.scores.size > 0
+
+    def score(self, score: float) -> AnomalyScore:
+        """One query's score with its percentile and verdict (``None`` for both where nothing
+        was calibrated)."""
+        if not self.calibrated:
+            return AnomalyScore(score=score, percentile=None, threshold=None, unusual=None, k=self.k)
+        return AnomalyScore(score=score, percentile=float(self.percentile_of(np.array([score]))[0]),
+                            threshold=self.threshold, unusual=score > self.threshold, k=self.k)
 
     def percentile_of(self, scores: np.ndarray) -> np.ndarray:
         """Percent of normal items scoring at most each score (0..100)."""
@@ -392,6 +407,9 @@ def calibrate(store: IndexStore, k: int, percentile: float = DEFAULT_PERCENTILE,
             scores.append(leave_one_out(sims, ids, own, min(k, n - 1)))
     return Calibration(k, np.concatenate(scores), percentile)
 
+
+# Why a score has no percentile or verdict: the gallery's leave-one-out scores need 2 items.
+UNCALIBRATED = "the index has {count} item(s), too few to calibrate a verdict (its items scored against each other: at least 2)"
 
 DRIFT_SAMPLE = 256  # appended items scored against the gallery as it was
 DRIFT_MIN_ITEMS = 20  # fewer appended items say nothing about drift

@@ -29,15 +29,18 @@ class Prediction:
 
 @dataclass
 class AnomalyScore:
+    """A query's anomaly score; ``percentile``, ``threshold`` and ``unusual`` are ``None`` where
+    the gallery had too few items (under 2) to calibrate them."""
+
     score: float
-    percentile: float
-    threshold: float
-    unusual: bool
+    percentile: float | None
+    threshold: float | None
+    unusual: bool | None
     k: int
 
     @property
     def verdict(self) -> str:
-        return "unusual" if self.unusual else "normal"
+        return "no verdict" if self.unusual is None else "unusual" if self.unusual else "normal"
 
 
 @dataclass

@@ -203,8 +203,8 @@ def _calibrate_and_map(store: IndexStore, encoder: Encoder, cfg: IndexConfig) ->
         metric = "euclidean"
     else:
         cal, metric = calibrate(store, cfg.anomaly_k, cfg.percentile), "cosine"
-    info = CalibrationInfo(k=cal.k, percentile=cal.percentile, count=int(cal.scores.size), threshold=cal.threshold,
-                           metric=metric)
+    info = CalibrationInfo(k=cal.k, percentile=cal.percentile, count=int(cal.scores.size),
+                           threshold=cal.threshold if cal.calibrated else None, metric=metric)
     store.arrays[info.array] = cal.scores
     store.manifest.calibration = info
     unwhiten = encoder.unwhitening()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,8 +63,12 @@ def describe(store: IndexStore, encoder: Encoder | None = None) -> IndexFacts:
     cal = m.calibration
     anomaly = None
     if cal is not None:
-        anomaly = f"k={cal.k}, threshold {cal.threshold:.4f} at the {cal.percentile:g}th percentile of {cal.count} items"
-        from retrieval.anomaly import stored_space
+        from retrieval.anomaly import UNCALIBRATED, stored_space
+
+        if cal.count and cal.threshold is not None and math.isfinite(cal.threshold):
+            anomaly = f"k={cal.k}, threshold {cal.threshold:.4f} at the {cal.percentile:g}th percentile of {cal.count} items"
+        else:  # (None; or Infinity, as manifests written before 2026-12-07 have it)
+            anomaly = f"k={cal.k}, no threshold: {UNCALIBRATED.format(count=m.count)}"
 
         space = stored_space(store)
         anomaly += "; " + (space.describe() if space is not None else

@@ -26,6 +26,7 @@ from index.manifest import DuplicatesInfo
 from retrieval.anomaly import DEFAULT_K as ANOMALY_K
 from retrieval.anomaly import (
     DEFAULT_PERCENTILE,
+    UNCALIBRATED,
     Calibration,
     calibrate,
     drop_own,
@@ -359,11 +360,9 @@ class Service:
                 a.prediction = Prediction(label=None, probabilities={}, neighbours=0)
                 a.note = "the index has no labels, so nothing can be classified"
             if scores is not None and cal is not None:
-                s = float(scores[row])
-                a.anomaly = AnomalyScore(
-                    score=s, percentile=float(cal.percentile_of(np.array([s]))[0]),
-                    threshold=cal.threshold, unusual=s > cal.threshold, k=anomaly_k,
-                )
+                a.anomaly = cal.score(float(scores[row]))
+                if not cal.calibrated:
+                    a.note = "; ".join(filter(None, [a.note, "no anomaly verdict: " + UNCALIBRATED.format(count=store.manifest.count)]))
         return answers
 
     def ask(self, queries: Sequence[str | Path | bytes | Image.Image], opts: Options) -> list[Answer]:

@@ -122,6 +122,9 @@ def anomaly(
 
     def show(a: Any) -> None:
         s = a.anomaly
+        if s.unusual is None:  # (a gallery too small to calibrate: the note says why)
+            typer.echo(f"{a.query}  score {s.score:.4f}  percentile     -  {s.verdict}  ({a.note})")
+            return
         typer.echo(f"{a.query}  score {s.score:.4f}  percentile {s.percentile:5.1f}  {s.verdict.upper() if s.unusual else s.verdict}"
                    f"  (threshold {s.threshold:.4f})")
 

@@ -327,6 +327,10 @@ def _anomaly_text(answer: Answer) -> str:
     a = answer.anomaly
     if a is None:
         return ""
+    if a.unusual is None:
+        return (f"### Anomaly: no verdict\n"
+                f"score **{a.score:.4f}** (mean distance to the {a.k} nearest images)  \n"
+                f"{answer.note[0].upper() + answer.note[1:] if answer.note else 'The index has too few images to calibrate one'}")
     verdict = '<span style="color:#c0392b">● **UNUSUAL**</span>' if a.unusual else '<span style="color:#1e8449">● **normal**</span>'
     return (
         f"### Anomaly: {verdict}\n"

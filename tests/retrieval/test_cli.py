@@ -75,6 +75,29 @@ def test_classify_and_anomaly(tiny_index: Path, image_folder: Path) -> None:
     assert "percentile" in r.output and ("normal" in r.output or "UNUSUAL" in r.output)
 
 
+def test_an_index_of_one_image_scores_without_a_verdict_and_says_why(tiny_encoder: Path, image_folder: Path,
+                                                                     tmp_path: Path) -> None:
+    # One item has no neighbour to be scored against: no percentile, no threshold, no verdict
+    # (not "normal" at an infinite threshold), and the JSON stays JSON (no NaN or Infinity).
+    (tmp_path / "one").mkdir()
+    shutil.copy(image_folder / "bars" / "bars_000.png", tmp_path / "one")
+    out = tmp_path / "idx"
+    r = run("index", "--encoder", tiny_encoder, "--source", tmp_path / "one", "--out", out, "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["threshold"] is None
+    told = "the index has 1 item(s), too few to calibrate a verdict"
+    r = run("info", out)
+    assert r.exit_code == 0 and f"k=5, no threshold: {told}" in r.output, r.output
+    query = image_folder / "checks" / "checks_000.png"
+    r = run("anomaly", out, query)
+    assert r.exit_code == 0 and "no verdict" in r.output and told in r.output and "normal" not in r.output, r.output
+    r = run("anomaly", out, query, "--json")
+    answer = json.loads(r.output, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert answer["anomaly"]["verdict"] == "no verdict" and answer["anomaly"]["unusual"] is None
+    assert answer["anomaly"]["percentile"] is None and answer["anomaly"]["threshold"] is None
+    assert answer["anomaly"]["score"] > 0 and told in answer["note"]
+
+
 def test_missing_index_is_one_line(tmp_path: Path) -> None:
     r = run("query", tmp_path / "nope", "x.png")
     assert r.exit_code == 1
