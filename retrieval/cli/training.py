@@ -80,12 +80,22 @@ def train(
     out take TrainConfig's defaults for the device."""
     from simclr import dist
     from simclr.config import TrainConfig
+    from simclr.data import parse_source
+    from simclr.encoder import ENCODER_FILE
+    from simclr.train import CHECKPOINT
     from simclr.train import train as run
 
     overrides = {k: v for k, v in ctx.params.items() if k != "resume" and v is not None}
     cfg = TrainConfig.from_dict(overrides)
     try:
         result = run(cfg, resume=resume, explicit=set(overrides))
+    except KeyboardInterrupt:
+        if dist.is_main() and (cfg.out_dir / CHECKPOINT).is_file():
+            held = (", its whitening fit on the images as training held them (a run's end fits it on the files read "
+                    "as an index reads them)") if parse_source(cfg.data).kind == "folder" else ""
+            typer.echo(f"stopped before the end: `retrieval train --out {cfg.out_dir} --resume` goes on from its last "
+                       f"save; {cfg.out_dir / ENCODER_FILE} is that save's encoder{held}", err=True)
+        raise
     finally:
         dist.shutdown()
     if dist.is_main():

@@ -98,6 +98,27 @@ def test_an_index_of_one_image_scores_without_a_verdict_and_says_why(tiny_encode
     assert answer["anomaly"]["score"] > 0 and told in answer["note"]
 
 
+def test_a_training_run_stopped_by_ctrl_c_says_how_to_go_on(image_folder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import simclr.train
+
+    out = tmp_path / "run"
+
+    def stopped_after_a_save(cfg, **kwargs):  # noqa: ANN001, ANN003
+        out.mkdir()
+        (out / simclr.train.CHECKPOINT).write_bytes(b"saved")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simclr.train, "train", stopped_after_a_save)
+    r = run("train", "--data", image_folder, "--out", out, "--epochs", 1)
+    assert r.exit_code == 130 and "interrupted" in r.output, r.output
+    assert f"`retrieval train --out {out} --resume` goes on from its last save" in r.output
+    assert "its whitening fit on the images as training held them" in r.output  # (a folder)
+    monkeypatch.setattr(simclr.train, "train", lambda cfg, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    r = run("train", "--data", image_folder, "--out", tmp_path / "none", "--epochs", 1)
+    assert r.exit_code == 130 and "--resume" not in r.output, r.output  # (nothing saved: nothing to go on from)
+
+
 def test_missing_index_is_one_line(tmp_path: Path) -> None:
     r = run("query", tmp_path / "nope", "x.png")
     assert r.exit_code == 1
