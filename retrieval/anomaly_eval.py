@@ -259,24 +259,25 @@ def evaluate_protocol(protocol: str, train: str = "fashion-mnist:train", test: s
     if unknown:
         raise RetrievalError(f"no class {', '.join(map(repr, unknown))} in {train}; known: {', '.join(classes)}")
     chosen = [c for c, name in enumerate(classes) if not only or name in only]
-    joined_strict = protocol == "strict" and score == "index" and anomaly_space == "joined"
-    strict_dim = _strict_dim(recipe, dev) if joined_strict else None
+    # The whitening a joined space needs, fit per class: the per-class encoder's own (strict), or
+    # the shared encoder's refit on the class (shared-encoder, as its index would have it).
+    whiten_dim, whitening_of = None, ""
+    if score == "index" and anomaly_space == "joined":
+        if protocol == "strict":
+            whiten_dim, whitening_of = _strict_dim(recipe, dev), "fit the whitening of its encoder"
+        elif protocol == "shared-encoder" and shared.whitened:
+            whiten_dim = shared.dim
+            whitening_of = "refit the encoder's whitening on as the shared-encoder protocol's index does"
     for c in chosen:
         name = classes[c]
         count = int((train_data.labels == c).sum())
         if count < k + 1:
             raise RetrievalError(f"class {name!r} has {count} training image(s), fewer than k + 1 = {k + 1}")
-        if strict_dim is not None and not can_whiten(count, strict_dim):
+        if whiten_dim is not None and not can_whiten(count, whiten_dim):
             raise RetrievalError(
-                f"class {name!r}: its {count} training images are too few to fit the whitening of its encoder "
-                f"(at least {min_images(strict_dim)}), which --anomaly-space joined needs "
+                f"class {name!r}: its {count} training images are too few to {whitening_of} "
+                f"(at least {min_images(whiten_dim)}), which --anomaly-space joined needs "
                 "(auto or features score without it)")
-        if protocol == "shared-encoder" and score == "index" and anomaly_space == "joined" and shared.whitened \
-                and not can_whiten(count, shared.dim):
-            raise RetrievalError(
-                f"class {name!r}: its {count} training images are too few to refit the encoder's whitening on "
-                f"(at least {min_images(shared.dim)}), as the shared-encoder protocol does for its index; "
-                "--anomaly-space joined needs that whitening (auto or features score without it)")
     if shared is not None:
         if score == "index":
             check_space_mode(anomaly_space, shared.whitened)  # (joined without a whitening: before embedding)
