@@ -165,17 +165,11 @@ class _Decode(Dataset):
 def decoded_at(paths: np.ndarray, order: Sequence[torch.Tensor], size: int,
                channels: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each row of positions: (the positions read, the files at them decoded to ``size``),
-    decoded by a pool of threads; unreadable files are left out."""
-    def read(i: int) -> torch.Tensor | None:
-        try:
-            return read_image(os.fsdecode(paths[i]), size, channels)
-        except ImageReadError:
-            return None
-
+    decoded by a pool of threads (as :class:`_Decode` reads a file); unreadable files are left out."""
+    decode = _Decode(paths, size, channels)
     with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
         for row in order:
-            rows = row.tolist()
-            kept = [(i, x) for i, x in zip(rows, pool.map(read, rows)) if x is not None]
+            kept = [(i, x) for i, x in pool.map(decode.__getitem__, row.tolist()) if isinstance(x, torch.Tensor)]
             if kept:
                 yield torch.tensor([i for i, _ in kept], dtype=torch.int64), torch.stack([x for _, x in kept])
 
